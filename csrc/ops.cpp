@@ -4,7 +4,6 @@
 // Python wrappers, fake (meta) kernels and pure-PyTorch references are in
 // did_engine/ops/. Tensor layouts follow FlashAttention: [batch, seq, heads, head_dim].
 
-#include <Python.h>
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
@@ -12,15 +11,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-extern "C" {
-// `import did_engine._C` only needs a module object; the ops register themselves through
-// the static initialisers below when the shared library is loaded.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace did_engine {
 
