@@ -1,0 +1,468 @@
+"""BlockDiffusionLM: a DiT-style transformer for block diffusion, compatible with BD3-LM.
+
+Read top to bottom: configuration, the building blocks (LayerNorm, timestep embedding,
+rotary), one transformer block, then the model with its four ways to run:
+
+    model(x_t, x0=x_0, block_size=b)   training: cat(x_t, x_0) under the block diffusion mask
+    model(tokens, block_size=b)        block-causal, no cache
+    model(tokens)                      global bidirectional
+    model.decode(block, cache)         the active block against a KV cache (sampling)
+    model.commit(block, cache)         append a finished block's K/V to the cache
+
+All return raw logits (no SUBS parameterisation: see did_engine.diffusion.subs_log_probs).
+Parameter names equal BD3-LM's backbone names, so BD3-LM checkpoints load directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from did_engine import ops
+from did_engine.kv_cache import BlockKVCache
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a BlockDiffusionLM. Field names follow BD3-LM's config.json."""
+
+    vocab_size: int = 50258  # GPT-2's 50257 tokens + the mask token (the last id)
+    model_length: int = 1024  # L: the context the model was trained on
+    hidden_dim: int = 768
+    cond_dim: int = 128
+    n_blocks: int = 12
+    n_heads: int = 12
+    dropout: float = 0.1
+    block_size: int = 4  # default block size for sampling
+    adaln: bool = True  # adaLN modulation from the timestep embedding
+    time_conditioning: bool = False  # False: sigma is zeroed before the timestep embedder
+    cross_attn: bool = True  # vectorised cat(x_t, x_0) training (BD3-LM); False = MDLM-style
+    rotary_base: float = 10000.0
+    extra: dict = field(default_factory=dict)  # metadata carried through checkpoints
+
+    def __post_init__(self):
+        if self.hidden_dim % self.n_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} is not a multiple of n_heads {self.n_heads}")
+        if (self.hidden_dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim {self.hidden_dim // self.n_heads} must be even for rotary embeddings")
+        if self.vocab_size < 2 or self.model_length < 1 or self.block_size < 1:
+            raise ValueError("vocab_size >= 2, model_length >= 1 and block_size >= 1 are required")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.n_heads
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        extra = dict(d.get("extra", {}))
+        extra.update({k: v for k, v in d.items() if k not in known})
+        return cls(**{k: v for k, v in d.items() if k in known and k != "extra"}, extra=extra)
+
+
+PRESETS = {
+    # For tests: runs in milliseconds on a CPU.
+    "tiny": dict(vocab_size=67, model_length=32, hidden_dim=64, cond_dim=32, n_blocks=2, n_heads=4, dropout=0.0),
+    # BD3-LM "small" (OpenWebText, L = 1024): ~170M parameters with its untied 50258-token embeddings.
+    "small": dict(vocab_size=50258, model_length=1024, hidden_dim=768, cond_dim=128, n_blocks=12, n_heads=12),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, always computed in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(_at_least_float32(x), [self.dim]) * _at_least_float32(self.weight)
+        # Back to the parameters' dtype so bf16 models run without autocast (a no-op in fp32).
+        return x.to(self.weight.dtype)
+
+
+def _at_least_float32(x):
+    """Low-precision tensors go to float32; float32 and float64 stay as they are."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def modulate(x, shift, scale):
+    """adaLN: x [B, S, dim], shift/scale [B, 1, dim]."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the noise level, then a 2-layer MLP (as in DiT)."""
+
+    def __init__(self, cond_dim: int, n_frequencies: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(n_frequencies, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.n_frequencies = n_frequencies
+
+    def forward(self, sigma):  # [B] -> [B, cond_dim]
+        half = self.n_frequencies // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        angles = sigma[:, None].float() * freqs[None]  # [B, half]
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, split-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq)  # [D/2], saved: BD3-LM checkpoints carry it
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the frequencies: keep them >= float32 on any device.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=_at_least_float32(self.inv_freq).dtype)
+        return self
+
+    def cos_sin(self, positions):
+        """positions [S] or [B, S] (int) -> cos, sin [1 or B, S, 1, D/2] in float32."""
+        if positions.dim() == 1:
+            positions = positions[None]
+        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [B, S, D/2]
+        return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, S, H, D]; cos/sin [B or 1, S, 1, D/2]. Computed in >= float32, returned in x's dtype."""
+    half = x.shape[-1] // 2
+    xf = _at_least_float32(x)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def block_diffusion_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    """The training mask over cat(x_t, x_0), [2L, 2L] bool (True = attend).
+
+    With L = 4 and block 2 (t = x_t token, 0 = x_0 token; rows are queries)::
+
+                 x_t     x_0
+               t t t t 0 0 0 0
+        x_t  t x x . . . . . .    block diagonal: x_t block b sees x_t block b
+             t x x . . . . . .
+             t . . x x x x . .    offset block-causal: x_t block b sees x_0 blocks < b
+             t . . x x x x . .
+        x_0  0 . . . . x x . .    block-causal: x_0 block b sees x_0 blocks <= b
+             0 . . . . x x . .
+             0 . . . . x x x x
+             0 . . . . x x x x
+    """
+    idx = torch.arange(2 * seq_len, device=device)
+    is_x0 = idx >= seq_len
+    block = torch.where(is_x0, idx - seq_len, idx) // block_size
+    q_x0, k_x0 = is_x0[:, None], is_x0[None, :]
+    q_blk, k_blk = block[:, None], block[None, :]
+    diagonal = (q_blk == k_blk) & (q_x0 == k_x0)
+    offset_causal = (q_blk > k_blk) & k_x0 & ~q_x0
+    causal = (q_blk >= k_blk) & k_x0 & q_x0
+    return diagonal | offset_causal | causal
+
+
+# ---------------------------------------------------------------------------------------
+# One transformer block
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN block with adaLN: x + g1 * attn(mod(LN(x))), then x + g2 * mlp(mod(LN(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.hidden_dim
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.adaln = cfg.adaln
+        if cfg.adaln:
+            self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * dim)
+
+    def forward(self, x, c, attend):
+        """x [B, S, dim]; c [B, cond_dim] or None; attend(q, k, v) -> [B, S, H, D] (q,k,v [B, S, H, D])."""
+        if self.adaln:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+            h = modulate(self.norm1(x), shift1, scale1)
+        else:
+            h = self.norm1(x)
+        B, S, _ = h.shape
+        qkv = self.attn_qkv(h).view(B, S, 3, self.n_heads, -1)  # [B, S, 3, H, D]
+        h = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(B, S, -1)  # [B, S, dim]
+        h = F.dropout(self.attn_out(h), self.dropout, self.training)
+        x = x + (gate1 * h if self.adaln else h)
+        h = modulate(self.norm2(x), shift2, scale2) if self.adaln else self.norm2(x)
+        h = F.dropout(self.mlp(h), self.dropout, self.training)
+        return x + (gate2 * h if self.adaln else h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.hidden_dim)
+        self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self.adaln = cfg.adaln
+        if cfg.adaln:
+            self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
+
+    def forward(self, x, c):
+        if self.adaln:
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+            x = modulate(self.norm_final(x), shift, scale)
+        else:
+            x = self.norm_final(x)
+        return self.linear(x)
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, tokens):
+        return self.embedding[tokens]
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+def _sdpa(q, k, v, mask=None):
+    """q/k/v [B, S, H, D] (any strides) -> [B, S, H, D], PyTorch SDPA (differentiable)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+class BlockDiffusionLM(nn.Module):
+    """Block diffusion language model (BD3-LM architecture). See the module docstring."""
+
+    def __init__(self, config: ModelConfig | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = ModelConfig(**overrides)
+        elif overrides:
+            config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        self.vocab_embed = TokenEmbedding(config.vocab_size, config.hidden_dim)
+        if config.adaln:
+            self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.rotary_emb = Rotary(config.head_dim, config.rotary_base)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
+        self.output_layer = FinalLayer(config)
+        self._mask_cache: dict = {}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BlockDiffusionLM":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(ModelConfig(**{**PRESETS[name], **overrides}))
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.vocab_embed.embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vocab_embed.embedding.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- shared pieces ------------------------------------------------------------------
+
+    def _conditioning(self, batch_size: int, sigma, device):
+        """c = silu(timestep_embedding(sigma)), [B, cond_dim]; sigma is zeroed unless time-conditioned."""
+        if not self.config.adaln:
+            return None
+        if sigma is None or not self.config.time_conditioning:
+            sigma = torch.zeros(batch_size, device=device)
+        sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32).expand(batch_size)
+        return F.silu(self.sigma_map(sigma))
+
+    def _run(self, tokens, sigma, attend_for_layer):
+        """Embed, run every block with attend_for_layer(i) as its attention, return logits."""
+        x = self.vocab_embed(tokens)  # [B, S, dim]
+        c = self._conditioning(tokens.shape[0], sigma, tokens.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, attend_for_layer(i))
+        return self.output_layer(x, c)  # [B, S, V]
+
+    def _check_tokens(self, tokens, name="tokens"):
+        if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an int64 tensor [B, S], got "
+                             f"{tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__}")
+
+    def _training_mask(self, seq_len: int, block_size: int, device):
+        key = (seq_len, block_size, str(device))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = block_diffusion_mask(seq_len, block_size, device=device)
+        return self._mask_cache[key]
+
+    # -- forwards -----------------------------------------------------------------------
+
+    def forward(self, tokens, x0=None, block_size: int | None = None, sigma=None):
+        """Raw logits [B, L, V].
+
+        - ``model(x_t, x0=x_0, block_size=b)``: training forward over cat(x_t, x_0) under
+          :func:`block_diffusion_mask`; logits of the x_t half. With b >= L the x_0 half
+          would be unused, so it is skipped (a global forward on x_t).
+        - ``model(tokens, block_size=b)``: block-causal, no cache.
+        - ``model(tokens)``: global bidirectional.
+        """
+        self._check_tokens(tokens)
+        B, L = tokens.shape
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if x0 is not None:
+            self._check_tokens(x0, "x0")
+            if x0.shape != tokens.shape:
+                raise ValueError(f"x0 {tuple(x0.shape)} must have x_t's shape {tuple(tokens.shape)}")
+            if block_size is None:
+                raise ValueError("the training forward needs block_size")
+            if block_size < L:
+                return self._training_forward(tokens, x0, block_size, sigma)
+            x0 = None  # B = L: the x_0 half is useless, run a global forward on x_t
+        positions = torch.arange(L, device=tokens.device)
+        cos, sin = self.rotary_emb.cos_sin(positions)
+        if block_size is None or block_size >= L:
+            def attend(q, k, v):
+                return _sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # Differentiable path (the op is forward-only): SDPA with a dense mask.
+            mask = ops.reference.block_causal_mask(L, block_size, device=tokens.device)
+
+            def attend(q, k, v):
+                return _sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
+        else:
+            def attend(q, k, v):
+                return ops.block_causal_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, block_size)
+        return self._run(tokens, sigma, lambda i: attend)
+
+    def _training_forward(self, x_t, x0, block_size, sigma):
+        B, L = x_t.shape
+        mask = self._training_mask(L, block_size, x_t.device)  # [2L, 2L]
+        positions = torch.arange(L, device=x_t.device).repeat(2)  # both halves use 0..L-1
+        cos, sin = self.rotary_emb.cos_sin(positions)
+
+        def attend(q, k, v):
+            return _sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
+
+        logits = self._run(torch.cat([x_t, x0], dim=1), sigma, lambda i: attend)
+        return logits[:, :L]
+
+    # -- KV-cached sampling --------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> BlockKVCache:
+        """A preallocated cache holding up to ``max_len`` committed tokens per row.
+
+        The default, ``model_length - block_size``, makes the attention span of a decoded
+        block (cache + the block itself) exactly the model's context, as in BD3-LM.
+        """
+        cfg = self.config
+        if max_len is None:
+            max_len = max(cfg.model_length - cfg.block_size, 1)
+        return BlockKVCache(cfg.n_blocks, batch_size, max_len, cfg.n_heads, cfg.head_dim,
+                            device=device or self.device, dtype=dtype or self.dtype)
+
+    def _check_block(self, block_tokens, cache: BlockKVCache):
+        self._check_tokens(block_tokens, "block_tokens")
+        if block_tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"block_tokens has batch {block_tokens.shape[0]} but the cache has {cache.batch_size}")
+
+    def decode(self, block_tokens, cache: BlockKVCache, sigma=None):
+        """Logits [B, n, V] of the active block against the cache; the cache is unchanged.
+
+        Queries are computed for the n block tokens only; cached keys are used as stored.
+        """
+        self._check_block(block_tokens, cache)
+        n = block_tokens.shape[1]
+        if n > cache.capacity:
+            raise ValueError(f"a block of {n} tokens exceeds the cache capacity {cache.capacity}")
+        cos, sin = self.rotary_emb.cos_sin(cache.positions(n))  # [B, n, 1, D/2]
+
+        def attend_for_layer(i):
+            def attend(q, k, v):
+                return ops.block_decode_attention(apply_rotary(q, cos, sin), cache.k[i], cache.v[i],
+                                                  apply_rotary(k, cos, sin), v, cache.lengths)
+            return attend
+
+        return self._run(block_tokens, sigma, attend_for_layer)
+
+    @torch.no_grad()
+    def commit(self, block_tokens, cache: BlockKVCache, sigma=None, block_size: int | None = None) -> None:
+        """Append a finished block's K/V to the cache (one forward over the clean block).
+
+        Each layer's keys/values are committed as soon as they are computed: the block's
+        tokens attend to the cache and to each other, as x_0 blocks do in training. A chunk
+        longer than ``block_size`` (a prompt) is committed block by block, which is exactly
+        the block-causal prefill. When the cache is full, the oldest blocks slide out.
+        """
+        self._check_block(block_tokens, cache)
+        n = block_tokens.shape[1]
+        step = block_size or n
+        for start in range(0, n, step):
+            chunk = block_tokens[:, start : start + step]
+            cache.make_room(chunk.shape[1], block_size=self.config.block_size)
+            cos, sin = self.rotary_emb.cos_sin(cache.positions(chunk.shape[1]))
+
+            def attend_for_layer(i):
+                def attend(q, k, v):
+                    k = apply_rotary(k, cos, sin)
+                    out = ops.block_decode_attention(apply_rotary(q, cos, sin), cache.k[i], cache.v[i], k, v,
+                                                     cache._layer_lengths[i])
+                    cache.commit_layer(i, k, v)
+                    return out
+                return attend
+
+            self._run_without_head(chunk, sigma, attend_for_layer)
+
+    def _run_without_head(self, tokens, sigma, attend_for_layer):
+        # The output layer does not affect any K/V: skip it.
+        x = self.vocab_embed(tokens)
+        c = self._conditioning(tokens.shape[0], sigma, tokens.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, attend_for_layer(i))
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True) -> "BlockDiffusionLM":
+        """Load our checkpoint format or a BD3-LM Hugging Face directory (config.json + model.safetensors)."""
+        from did_engine.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, device=device, dtype=dtype, strict=strict)
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json + model.safetensors into directory `path` (atomically, no pickle)."""
+        from did_engine.checkpoint import save_pretrained
+
+        save_pretrained(self, path)

@@ -1,0 +1,521 @@
+"""The Diffusion-in-Diffusion sampler: a block-diffusion draft, then global refinement.
+
+Draft (stage "draft"): the sequence is generated left to right in blocks of
+``block_size`` tokens with an exact KV cache. Inside a block, masked positions are
+unmasked over several model calls (one ``model.decode`` each) by one of three rules:
+
+    first_hitting   one position per call, chosen uniformly (BD3-LM; NFE = tokens)
+    topk            the ``tokens_per_step`` positions whose sampled token is most probable
+    threshold       every position whose sampled token has probability >= ``threshold``
+                    (at least the most probable one)
+
+When a token is unmasked, the probability the model gave it at that moment is recorded:
+its *snapshot confidence* (no extra forward). A finished block is committed to the cache
+(one more forward, counted as a commit).
+
+Refinement (stages "refine_1", ...): each stage ``RefineStage(block_size, remask_ratio,
+steps)`` sets ``remask_ratio`` of the generated tokens back to the mask token, chosen by
+the remask policy, and fills them again with blocks of ``block_size`` (None or >= the
+sequence length: one global bidirectional block, every token sees every other):
+
+    snapshot   lowest snapshot confidence (DiD), with the fused ``snapshot_remask`` op
+    posthoc    lowest probability under one extra global forward over the finished draft
+    random     uniformly random positions
+
+Prompt tokens are never remasked. Refilled tokens get new snapshot confidences, so stages
+chain. Baselines through the same API: ``SamplerConfig.bd3lm()`` (first-hitting draft, no
+refinement) and ``method="mdlm"`` (global sampling from an all-mask sequence).
+
+Token sampling follows BD3-LM: SUBS (the mask token is never predicted), temperature,
+nucleus (top-p) filtering, and a float64 Gumbel/exponential race for the draw. The
+recorded confidence is the model's probability of the token (SUBS softmax at temperature
+1, before nucleus filtering), so the ``snapshot`` and ``posthoc`` policies rank by the same
+quantity and differ only in *when* it is measured.
+
+Randomness and batching: pass ``generator`` as one ``torch.Generator`` (all rows draw from
+it) or as a list with one generator per row. With per-row generators, each row consumes
+only its own generator and its step schedule depends only on its own state, so a row
+generated in a batch equals the same row generated alone from the same generator state,
+as long as the model's batched arithmetic is row-independent (true for did_engine's
+kernels; a BLAS may round a batched matmul differently from a single-row one, which can
+flip a near-tie draw).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from did_engine import ops
+
+DRAFT_STRATEGIES = ("first_hitting", "topk", "threshold")
+REMASK_POLICIES = ("snapshot", "posthoc", "random")
+METHODS = ("did", "mdlm")
+
+
+@dataclass
+class RefineStage:
+    """One refinement stage: remask ``remask_ratio`` of the generated tokens, refill them
+    with blocks of ``block_size`` (None: one global block) in at most ``steps`` model calls
+    per block (None: one token per call)."""
+
+    block_size: int | None = None
+    remask_ratio: float = 0.25
+    steps: int | None = 8
+    order: str = "confidence"  # which masked tokens a step fills first: "confidence" or "random"
+
+    def __post_init__(self):
+        if not 0.0 <= self.remask_ratio <= 1.0:
+            raise ValueError(f"remask_ratio must be in [0, 1], got {self.remask_ratio}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"refine block_size must be >= 1 or None, got {self.block_size}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"refine steps must be >= 1 or None, got {self.steps}")
+        if self.order not in ("confidence", "random"):
+            raise ValueError(f"refine order must be 'confidence' or 'random', got {self.order!r}")
+
+
+@dataclass
+class SamplerConfig:
+    """Everything that decides how DiDSampler generates (see the module docstring)."""
+
+    length: int | None = None  # tokens in the output, prompt included; None: the model's context
+    block_size: int = 4  # draft block size B1
+    strategy: str = "first_hitting"
+    tokens_per_step: int = 2  # topk strategy
+    threshold: float = 0.9  # threshold strategy
+    stages: list = field(default_factory=list)  # RefineStage or (block_size, remask_ratio, steps) tuples
+    remask_policy: str = "snapshot"
+    method: str = "did"  # "did" (block draft + stages) or "mdlm" (global sampling from all-mask)
+    mdlm_steps: int | None = None  # model calls of the MDLM baseline; None: one token per call
+    top_p: float = 0.9
+    temperature: float = 1.0  # 0: greedy
+    eos_id: int | None = None
+    stop_at_eos: bool = False
+    mask_id: int | None = None  # None: the model's mask_id
+
+    def __post_init__(self):
+        self.stages = [s if isinstance(s, RefineStage) else RefineStage(*s) for s in self.stages]
+        if self.strategy not in DRAFT_STRATEGIES:
+            raise ValueError(f"strategy must be one of {DRAFT_STRATEGIES}, got {self.strategy!r}")
+        if self.remask_policy not in REMASK_POLICIES:
+            raise ValueError(f"remask_policy must be one of {REMASK_POLICIES}, got {self.remask_policy!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.block_size < 1 or self.tokens_per_step < 1:
+            raise ValueError("block_size and tokens_per_step must be >= 1")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.stop_at_eos and self.eos_id is None:
+            raise ValueError("stop_at_eos needs eos_id")
+
+    @classmethod
+    def bd3lm(cls, **overrides) -> "SamplerConfig":
+        """BD3-LM's own sampler: first-hitting draft, nucleus 0.9, no refinement."""
+        return cls(**{"strategy": "first_hitting", "stages": [], **overrides})
+
+
+@dataclass
+class GenerationResult:
+    """What a generation produced and what it cost.
+
+    tokens / draft_tokens   int64 [B, length] after refinement / after the draft
+    confidence              float32 [B, length]: each token's latest snapshot confidence
+                            (+inf at prompt positions)
+    draft_confidence        the same after the draft
+    remasked                {stage: int64 [B, k]} positions remasked, ascending, -1 padded
+    nfe                     {stage: {"decode"|"forward"|"rescore"|"commit": calls}}
+    seconds                 {stage: wall seconds}
+    lengths                 int64 [B]: tokens per row (shorter than length after an EOS stop)
+    prompt_length           prompt tokens at the start of every row
+    text / draft_text       decoded rows when a tokenizer was given
+    """
+
+    tokens: torch.Tensor
+    draft_tokens: torch.Tensor
+    confidence: torch.Tensor
+    draft_confidence: torch.Tensor
+    remasked: dict
+    nfe: dict
+    seconds: dict
+    lengths: torch.Tensor
+    prompt_length: int
+    text: list | None = None
+    draft_text: list | None = None
+
+    @property
+    def total_nfe(self) -> int:
+        return sum(sum(v.values()) for v in self.nfe.values())
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def tokens_per_second(self) -> float:
+        generated = int((self.lengths - self.prompt_length).clamp(min=0).sum())
+        return generated / self.total_seconds if self.total_seconds > 0 else float("inf")
+
+    def summary_table(self) -> str:
+        """A plain-text table: per stage, model calls by kind and wall time."""
+        kinds = sorted({k for v in self.nfe.values() for k in v})
+        header = ["stage"] + kinds + ["seconds"]
+        rows = [[stage] + [str(self.nfe[stage].get(k, 0)) for k in kinds] + [f"{self.seconds.get(stage, 0.0):.2f}"]
+                for stage in self.nfe]
+        rows.append(["total"] + [str(sum(self.nfe[s].get(k, 0) for s in self.nfe)) for k in kinds]
+                    + [f"{self.total_seconds:.2f}"])
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+# ---------------------------------------------------------------------------------------
+# Drawing tokens
+
+
+def _row_generators(generator, batch_size: int):
+    """None, one generator for all rows, or a list of per-row generators."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    gens = list(generator)
+    if len(gens) != batch_size or not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError(f"generator must be a torch.Generator or a list of {batch_size} of them")
+    return gens
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most probable tokens whose mass reaches top_p; renormalise."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # the mass before a token already suffices
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One sample per row of probs [m, V] (float64) by an exponential race: argmax p / E."""
+    u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)
+    return (probs / -torch.log(u.clamp_min(1e-300))).argmax(-1)
+
+
+class _TokenDrawer:
+    """Samples tokens at chosen positions from raw logits, with BD3-LM's conventions."""
+
+    def __init__(self, mask_id: int, temperature: float, top_p: float, generators):
+        self.mask_id, self.temperature, self.top_p, self.generators = mask_id, temperature, top_p, generators
+
+    def __call__(self, logits: torch.Tensor, where: torch.Tensor):
+        """logits [B, W, V], where [B, W] bool -> tokens, confidence at `where` ([M], row-major)."""
+        rows = where.nonzero()[:, 0]  # [M], ascending: positions of row 0 first
+        lg = logits[where].float()  # [M, V]
+        lg[:, self.mask_id] = float("-inf")  # SUBS: the mask is never a prediction
+        model_probs = torch.softmax(lg, dim=-1)
+        if self.temperature == 0:
+            tokens = lg.argmax(-1)
+        else:
+            probs = _nucleus(torch.softmax(lg.double() / self.temperature, dim=-1), self.top_p)
+            if isinstance(self.generators, list):
+                tokens = torch.empty(len(rows), dtype=torch.int64, device=lg.device)
+                for b in rows.unique().tolist():
+                    sel = rows == b
+                    tokens[sel] = _draw(probs[sel], self.generators[b])
+            else:
+                tokens = _draw(probs, self.generators)
+        confidence = model_probs.gather(-1, tokens[:, None])[:, 0]
+        return tokens, confidence
+
+
+def _random_pick(candidates: torch.Tensor, counts: torch.Tensor, generators) -> torch.Tensor:
+    """Per row b, counts[b] positions of candidates [B, W] chosen uniformly -> [B, W] bool."""
+    B, W = candidates.shape
+    if isinstance(generators, list):
+        scores = torch.stack([torch.rand(W, generator=g, device=candidates.device) for g in generators])
+    else:
+        scores = torch.rand((B, W), generator=generators, device=candidates.device)
+    return _top_by_score(scores.masked_fill(~candidates, -1.0), candidates, counts)
+
+
+def _top_by_score(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row, the counts[b] candidates with the highest scores -> [B, W] bool."""
+    k = int(counts.max()) if counts.numel() else 0
+    chosen = torch.zeros_like(candidates)
+    if k == 0:
+        return chosen
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    top = scores.topk(k, dim=-1).indices  # [B, k]
+    keep = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
+    chosen.scatter_(1, top, keep)
+    return chosen & candidates
+
+
+# ---------------------------------------------------------------------------------------
+# The sampler
+
+
+class DiDSampler:
+    """Reusable draft-then-refine sampler for any model with the BlockDiffusionLM surface:
+
+    - ``model.decode(block_tokens, cache) -> logits [B, n, V]`` (cache unchanged)
+    - ``model.commit(block_tokens, cache, block_size=None)``
+    - ``model.new_kv_cache(batch_size, max_len=None)`` with ``.lengths``
+    - ``model(tokens) -> logits [B, S, V]`` (global bidirectional forward)
+    - ``model.mask_id`` (or ``SamplerConfig.mask_id``), ``model.config.model_length``
+    """
+
+    def __init__(self, model, config: SamplerConfig | None = None, **overrides):
+        self.model = model
+        self.config = config if config is not None else SamplerConfig(**overrides)
+        if config is not None and overrides:
+            raise ValueError("pass either a SamplerConfig or keyword overrides, not both")
+        self.mask_id = self.config.mask_id if self.config.mask_id is not None else int(model.mask_id)
+        self.model_length = int(model.config.model_length)
+
+    # -- public -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, batch_size: int = 1, prompt=None, generator=None, tokenizer=None,
+                 progress: bool = False) -> GenerationResult:
+        cfg = self.config
+        device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else torch.device("cpu")
+        prompt = self._check_prompt(prompt, batch_size, device)
+        batch_size = prompt.shape[0] if prompt is not None else batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        P = 0 if prompt is None else prompt.shape[1]
+        length = cfg.length or self.model_length
+        if length <= P:
+            raise ValueError(f"length {length} leaves no room to generate after a prompt of {P} tokens")
+        gens = _row_generators(generator, batch_size)
+        drawer = _TokenDrawer(self.mask_id, cfg.temperature, cfg.top_p, gens)
+
+        tokens = torch.full((batch_size, length), self.mask_id, dtype=torch.int64, device=device)
+        confidence = torch.full((batch_size, length), float("inf"), dtype=torch.float32, device=device)
+        if P:
+            tokens[:, :P] = prompt
+        lengths = torch.full((batch_size,), length, dtype=torch.int64, device=device)
+        nfe, seconds, remasked = {}, {}, {}
+
+        t0 = time.perf_counter()
+        if cfg.method == "mdlm":
+            nfe["draft"] = {"forward": 0}
+            self._check_global(length)
+            targets = tokens == self.mask_id
+            self._fill(tokens, confidence, targets, lambda x: self.model(x), drawer, nfe["draft"], "forward",
+                       order="random", steps=cfg.mdlm_steps, gens=gens, progress=progress)
+        else:
+            nfe["draft"] = {"decode": 0, "commit": 0}
+            self._draft(tokens, confidence, P, lengths, drawer, gens, nfe["draft"], progress)
+        seconds["draft"] = time.perf_counter() - t0
+        draft_tokens, draft_confidence = tokens.clone(), confidence.clone()
+
+        for i, stage in enumerate(cfg.stages, start=1):
+            name = f"refine_{i}"
+            t0 = time.perf_counter()
+            nfe[name] = {}
+            remasked[name] = self._remask(tokens, confidence, P, lengths, stage, gens, nfe[name])
+            self._refine(tokens, confidence, P, stage, drawer, gens, nfe[name], progress)
+            seconds[name] = time.perf_counter() - t0
+
+        result = GenerationResult(tokens, draft_tokens, confidence, draft_confidence, remasked, nfe, seconds,
+                                  lengths, P)
+        if tokenizer is not None:
+            result.text = [tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(tokens, lengths)]
+            result.draft_text = [tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(draft_tokens, lengths)]
+        return result
+
+    __call__ = generate
+
+    # -- checks -------------------------------------------------------------------------
+
+    def _check_prompt(self, prompt, batch_size, device):
+        if prompt is None:
+            return None
+        prompt = torch.as_tensor(prompt, dtype=torch.int64, device=device)
+        if prompt.dim() == 1:
+            prompt = prompt[None].expand(batch_size, -1)
+        if prompt.dim() != 2 or prompt.shape[0] not in (1, batch_size):
+            raise ValueError(f"prompt must be [P] or [batch_size={batch_size}, P] token ids, got {tuple(prompt.shape)}")
+        if prompt.shape[0] == 1:
+            prompt = prompt.expand(batch_size, -1)
+        if prompt.numel() and (prompt.min() < 0 or prompt.max() >= self.mask_id):
+            raise ValueError(f"prompt token ids must be in [0, {self.mask_id}) (the mask id is {self.mask_id})")
+        return prompt.contiguous()
+
+    def _check_global(self, length):
+        if length > self.model_length:
+            raise ValueError(f"a global block over {length} tokens exceeds the model's context of "
+                             f"{self.model_length}; use a refine block_size <= {self.model_length}")
+
+    # -- the unmasking loop ---------------------------------------------------------------
+
+    def _fill(self, x, conf, targets, logits_fn, drawer, counter, kind, order, steps, gens, progress=False,
+              per_step=None, threshold=None):
+        """Unmask every position of targets [B, W] (all mask tokens) in x [B, W], in place.
+
+        Each model call (logits_fn(x) -> [B, W, V], counted in counter[kind]) fills, per row:
+        per_step positions (fixed count), or every candidate above threshold (at least one),
+        or ceil(remaining / calls left) when a step budget `steps` is given, or 1.
+        order "random" picks the positions uniformly; "confidence" picks the most probable draws.
+        """
+        remaining = targets.clone()
+        calls = 0
+        while remaining.any():
+            logits = logits_fn(x)
+            counter[kind] += 1
+            calls += 1
+            left = remaining.sum(-1)  # [B]
+            if steps is not None:
+                counts = torch.where(left > 0, -(-left // max(steps - calls + 1, 1)), left)
+            elif per_step is not None:
+                counts = left.clamp(max=per_step)
+            else:
+                counts = left.clamp(max=1)
+            if order == "random":
+                chosen = _random_pick(remaining, counts, gens)
+                tok, cf = drawer(logits, chosen)
+            else:
+                tok_all, cf_all = drawer(logits, remaining)
+                score = torch.full(remaining.shape, float("-inf"), device=x.device)
+                score[remaining] = cf_all.float()
+                if threshold is not None:
+                    best = _top_by_score(score, remaining, left.clamp(max=1))
+                    chosen = (remaining & (score >= threshold)) | best
+                else:
+                    chosen = _top_by_score(score, remaining, counts)
+                pick = chosen[remaining]  # which of the drawn positions are kept
+                tok, cf = tok_all[pick], cf_all[pick]
+            x[chosen] = tok
+            conf[chosen] = cf
+            remaining &= ~chosen
+        return calls
+
+    # -- draft ----------------------------------------------------------------------------
+
+    def _draft(self, tokens, confidence, P, lengths, drawer, gens, counter, progress):
+        cfg, model = self.config, self.model
+        bs, (B, L) = cfg.block_size, tokens.shape
+        cache = model.new_kv_cache(B, max_len=max(self.model_length - bs, bs))
+        first = P // bs  # blocks made only of prompt tokens are committed as the prefill
+        if first:
+            model.commit(tokens[:, : first * bs], cache, block_size=bs)
+            counter["commit"] += first
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        blocks = range(first, -(-L // bs))
+        if progress:
+            from tqdm.auto import tqdm
+
+            blocks = tqdm(blocks, desc="draft", unit="block")
+        for j in blocks:
+            s, e = j * bs, min((j + 1) * bs, L)
+            x, c = tokens[:, s:e], confidence[:, s:e]  # views: filled in place
+            if done.any():
+                x[done] = cfg.eos_id
+            targets = (x == self.mask_id) & ~done[:, None]
+            strategy_args = dict(order="random") if cfg.strategy == "first_hitting" else (
+                dict(order="confidence", per_step=cfg.tokens_per_step) if cfg.strategy == "topk" else
+                dict(order="confidence", threshold=cfg.threshold))
+            self._fill(x, c, targets, lambda xb: model.decode(xb, cache), drawer, counter, "decode", steps=None,
+                       gens=gens, **strategy_args)
+            if cfg.stop_at_eos:
+                self._stop_rows(tokens, s, e, P, lengths, done)
+                if bool(done.all()):
+                    tokens[:, e:] = cfg.eos_id
+                    break
+            if e < L:
+                model.commit(x, cache)
+                counter["commit"] += 1
+
+    def _stop_rows(self, tokens, s, e, P, lengths, done):
+        """Rows whose block [s, e) produced an EOS end there; the rest of the row becomes EOS."""
+        eos = self.config.eos_id
+        is_eos = tokens[:, max(s, P):e] == eos
+        newly = is_eos.any(-1) & ~done
+        for b in newly.nonzero()[:, 0].tolist():
+            stop = max(s, P) + int(is_eos[b].nonzero()[0, 0])
+            lengths[b] = stop + 1
+            tokens[b, stop + 1:] = eos
+        done |= newly
+
+    # -- refinement -----------------------------------------------------------------------
+
+    def _eligible(self, tokens, P, lengths):
+        """Generated positions that may be remasked: after the prompt, before a row's EOS."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        end = lengths - (1 if self.config.stop_at_eos else 0)  # a stop EOS stays put
+        end = torch.where(lengths < tokens.shape[1], end, lengths)
+        return (pos[None, :] >= P) & (pos[None, :] < end[:, None])
+
+    def _remask(self, tokens, confidence, P, lengths, stage, gens, counter):
+        eligible = self._eligible(tokens, P, lengths)
+        counts = torch.floor(eligible.sum(-1).double() * stage.remask_ratio + 0.5).to(torch.int64)  # [B]
+        policy = self.config.remask_policy
+        if policy == "snapshot":
+            ranking = confidence
+        elif policy == "posthoc":
+            # Re-score the finished sequence with one global forward.
+            logits = self.model(tokens)
+            counter["rescore"] = counter.get("rescore", 0) + 1
+            lg = logits.float()
+            lg[..., self.mask_id] = float("-inf")
+            ranking = torch.softmax(lg, -1).gather(-1, tokens[..., None])[..., 0].contiguous()
+        else:
+            if isinstance(gens, list):
+                ranking = torch.stack([torch.rand(tokens.shape[1], generator=g, device=tokens.device) for g in gens])
+            else:
+                ranking = torch.rand(tokens.shape, generator=gens, device=tokens.device)
+        ranking = ranking.to(torch.float32).contiguous()
+        max_k = int(counts.max()) if counts.numel() else 0
+        idx = ops.snapshot_remask(tokens, ranking, counts, eligible, self.mask_id, max_k=max_k)
+        if ranking.data_ptr() != confidence.data_ptr():
+            confidence[tokens == self.mask_id] = float("inf")
+        return idx
+
+    def _refine(self, tokens, confidence, P, stage, drawer, gens, counter, progress):
+        B, L = tokens.shape
+        bs = stage.block_size
+        if bs is None or bs >= L:
+            self._check_global(L)
+            counter.setdefault("forward", 0)
+            targets = tokens == self.mask_id
+            self._fill(tokens, confidence, targets, lambda x: self.model(x), drawer, counter, "forward",
+                       order=stage.order, steps=stage.steps, gens=gens)
+            return
+        counter.setdefault("decode", 0)
+        counter.setdefault("commit", 0)
+        cache = self.model.new_kv_cache(B, max_len=max(self.model_length - bs, bs))
+        first = P // bs
+        if first:
+            self.model.commit(tokens[:, : first * bs], cache, block_size=bs)
+            counter["commit"] += first
+        for j in range(first, -(-L // bs)):
+            s, e = j * bs, min((j + 1) * bs, L)
+            x, c = tokens[:, s:e], confidence[:, s:e]
+            targets = x == self.mask_id
+            if targets.any():
+                self._fill(x, c, targets, lambda xb: self.model.decode(xb, cache), drawer, counter, "decode",
+                           order=stage.order, steps=stage.steps, gens=gens)
+            if e < L:
+                self.model.commit(x, cache)
+                counter["commit"] += 1
+
+
+def generate(model, batch_size: int = 1, prompt=None, *, generator=None, tokenizer=None, progress: bool = False,
+             config: SamplerConfig | None = None, **options) -> GenerationResult:
+    """Generate with DiD (or a baseline). ``options`` are SamplerConfig fields, e.g.::
+
+        did_engine.generate(model, 8, length=256, block_size=4, strategy="topk", tokens_per_step=2,
+                            stages=[(None, 0.25, 8)], remask_policy="snapshot", top_p=0.9,
+                            generator=torch.Generator().manual_seed(0))
+    """
+    if config is not None and options:
+        raise ValueError("pass either config= or SamplerConfig options, not both")
+    sampler = DiDSampler(model, config or SamplerConfig(**options))
+    return sampler.generate(batch_size, prompt=prompt, generator=generator, tokenizer=tokenizer, progress=progress)

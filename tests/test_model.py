@@ -1,0 +1,287 @@
+"""BlockDiffusionLM: BD3-LM equivalence, agreement of its forwards, cache, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from did_engine.checkpoint import CheckpointError
+from did_engine.diffusion import subs_log_probs
+from did_engine.model import BlockDiffusionLM, ModelConfig, apply_rotary, block_diffusion_mask
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bd3lm_tiny")
+
+
+@pytest.fixture(scope="module")
+def bd3lm_tiny():
+    model = BlockDiffusionLM.from_pretrained(FIXTURE)
+    return model, load_file(os.path.join(FIXTURE, "io.safetensors"))
+
+
+def random_model(seed=0, **overrides) -> BlockDiffusionLM:
+    """A model with every parameter random (adaLN and output layers are not left at zero)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=37, model_length=24, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0)
+    model = BlockDiffusionLM(ModelConfig(**{**cfg, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+# -- equivalence with the BD3-LM reference implementation --------------------------------
+
+
+def test_bd3lm_config_and_metadata_are_read(bd3lm_tiny):
+    model, _ = bd3lm_tiny
+    cfg = model.config
+    assert (cfg.vocab_size, cfg.model_length, cfg.hidden_dim, cfg.n_blocks, cfg.n_heads, cfg.block_size) == \
+        (67, 32, 64, 2, 4, 4)
+    assert cfg.mask_id == 66
+    assert cfg.extra["sampling_eps_min"] == pytest.approx(0.3) and cfg.extra["sampling_eps_max"] == pytest.approx(0.8)
+
+
+def test_bd3lm_training_logits(bd3lm_tiny):
+    model, io = bd3lm_tiny
+    with torch.no_grad():
+        logits = model(io["xt"], x0=io["x0"], block_size=4, sigma=io["sigma"])
+    assert (logits - io["train_logits"]).abs().max() <= 1e-5
+
+
+def test_bd3lm_block_causal_logits(bd3lm_tiny):
+    model, io = bd3lm_tiny
+    with torch.no_grad():
+        logits = model(io["sample_prefix_input"], block_size=4)
+    assert (logits - io["sample_prefix_logits"]).abs().max() <= 1e-5
+
+
+def test_bd3lm_cache_decode_logits(bd3lm_tiny):
+    model, io = bd3lm_tiny
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model.commit(io["x0"][:, 0:4], cache)
+        model.commit(io["x0"][:, 4:8], cache)
+        logits = model.decode(io["cache_decode_input"], cache)
+    assert cache.lengths.tolist() == [8, 8]
+    assert (logits - io["cache_decode_logits"]).abs().max() <= 1e-5
+
+
+# -- the forwards agree with each other on random configurations --------------------------
+
+
+@pytest.mark.parametrize("overrides,block", [
+    (dict(), 4),
+    (dict(n_heads=1), 2),
+    (dict(n_heads=2, adaln=False), 3),
+    (dict(time_conditioning=True, n_blocks=3), 1),
+    (dict(model_length=20, hidden_dim=48, n_heads=3), 5),
+])
+def test_decode_equals_block_causal_equals_training_rows(overrides, block):
+    model = random_model(**overrides)
+    L, V, mask_id = model.config.model_length, model.config.vocab_size, model.config.mask_id
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, V - 1, (3, L), generator=g)
+    xt = torch.where(torch.rand(3, L, generator=g) < 0.5, torch.full_like(x0, mask_id), x0)
+    sigma = torch.rand(3, generator=g)
+    with torch.no_grad():
+        train = model(xt, x0=x0, block_size=block, sigma=sigma)
+        cache = model.new_kv_cache(3, max_len=L)
+        for start in range(0, L, block):
+            end = min(start + block, L)
+            # x_t block j after clean blocks < j: the same row in all three forwards.
+            prefix = torch.cat([x0[:, :start], xt[:, start:end]], dim=1)
+            causal = model(prefix, block_size=block, sigma=sigma)[:, start:end]
+            decoded = model.decode(xt[:, start:end], cache, sigma=sigma)
+            torch.testing.assert_close(decoded, causal, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(decoded, train[:, start:end], atol=2e-5, rtol=1e-5)
+            model.commit(x0[:, start:end], cache, sigma=sigma)
+
+
+def test_training_forward_with_full_block_is_the_global_forward():
+    model = random_model()
+    x0 = torch.randint(0, 36, (2, 24))
+    xt = x0.masked_fill(torch.rand(2, 24) < 0.5, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(model(xt, x0=x0, block_size=24), model(xt))
+        # Block-causal with one block covering everything is global too.
+        torch.testing.assert_close(model(xt, block_size=24), model(xt), atol=2e-5, rtol=1e-5)
+
+
+def test_block_diffusion_mask_against_its_definition():
+    L, b = 7, 3
+    mask = block_diffusion_mask(L, b)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            q_x0, k_x0 = q >= L, k >= L
+            qb, kb = (q % L) // b, (k % L) // b
+            want = (qb == kb and q_x0 == k_x0) or (not q_x0 and k_x0 and qb > kb) or (q_x0 and k_x0 and qb >= kb)
+            assert bool(mask[q, k]) == want, (q, k)
+
+
+def test_prompt_commit_is_the_block_causal_prefill():
+    model = random_model()
+    tokens = torch.randint(0, 36, (2, 20))
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, max_len=24)
+        model.commit(tokens[:, :16], cache, block_size=4)  # 4 blocks in one call
+        decoded = model.decode(tokens[:, 16:20], cache)
+        causal = model(tokens, block_size=4)[:, 16:20]
+    torch.testing.assert_close(decoded, causal, atol=2e-5, rtol=1e-5)
+
+
+def test_decode_does_not_change_the_cache():
+    model = random_model()
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model.commit(torch.randint(0, 36, (2, 4)), cache)
+        before = (cache.k.clone(), cache.v.clone(), cache.lengths.clone())
+        model.decode(torch.randint(0, 37, (2, 4)), cache)
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1]) and torch.equal(cache.lengths, before[2])
+
+
+# -- cache capacity and the sliding window -------------------------------------------------
+
+
+def test_cache_reports_memory_and_rejects_oversized_blocks():
+    model = random_model()
+    cache = model.new_kv_cache(3, max_len=12)
+    cfg = model.config
+    assert cache.nbytes >= 2 * cfg.n_blocks * 3 * 12 * cfg.hidden_dim * 4
+    assert cache.capacity == 12 and "BlockKVCache" in repr(cache)
+    with pytest.raises(ValueError, match="capacity"):
+        model.decode(torch.randint(0, 36, (3, 13)), cache)
+    with pytest.raises(ValueError, match="batch"):
+        model.decode(torch.randint(0, 36, (2, 4)), cache)
+
+
+def test_sliding_window_drops_whole_blocks_and_keeps_relative_positions():
+    model = random_model()  # block_size 4
+    cache = model.new_kv_cache(2, max_len=12)
+    tokens = torch.randint(0, 36, (2, 24))
+    with torch.no_grad():
+        for start in range(0, 20, 4):
+            model.commit(tokens[:, start : start + 4], cache)
+        assert cache.lengths.tolist() == [12, 12]  # blocks 2, 3, 4 kept
+        assert cache.offset.tolist() == [8, 8]
+        logits = model.decode(tokens[:, 20:24], cache)
+        # Re-number the window from 0 (what BD3-LM does): rotate the cached keys back by 8
+        # positions; attention depends only on distances, so the logits are unchanged.
+        angle = -8 * model.rotary_emb.inv_freq
+        cos, sin = angle.cos()[None, None, None, :], angle.sin()[None, None, None, :]
+        for layer in range(cache.k.shape[0]):
+            cache.k[layer] = apply_rotary(cache.k[layer], cos, sin)
+        cache.offset.zero_()
+        rebased = model.decode(tokens[:, 20:24], cache)
+    torch.testing.assert_close(logits, rebased, atol=2e-5, rtol=1e-5)
+
+
+# -- precision and gradients -----------------------------------------------------------------
+
+
+def test_bfloat16_inference_is_close_to_float32():
+    model = random_model()
+    tokens = torch.randint(0, 37, (2, 24))
+    with torch.no_grad():
+        ref = model(tokens, block_size=4).double()
+        low = model.to(torch.bfloat16)
+        assert low.rotary_emb.inv_freq.dtype == torch.float32  # frequencies are never rounded
+        out = low(tokens, block_size=4).double()
+        cache = low.new_kv_cache(2, max_len=24)
+        low.commit(tokens[:, :20], cache, block_size=4)
+        dec = low.decode(tokens[:, 20:], cache).double()
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() / scale < 0.05
+    assert (dec - ref[:, 20:]).abs().max() / scale < 0.05
+
+
+def test_gradients_of_the_training_forward_match_finite_differences():
+    model = random_model(hidden_dim=16, cond_dim=8, n_heads=2, n_blocks=1, model_length=8, vocab_size=11).double()
+    x0 = torch.randint(0, 10, (2, 8))
+    xt = x0.masked_fill(torch.rand(2, 8) < 0.5, 10)
+    names = ["blocks.0.attn_qkv.weight", "blocks.0.adaLN_modulation.bias", "vocab_embed.embedding"]
+    params = dict(model.named_parameters())
+
+    def loss(*tensors):
+        out = torch.func.functional_call(model, dict(zip(names, tensors)), (xt,), {"x0": x0, "block_size": 2})
+        return subs_log_probs(out, xt, 10).masked_fill(torch.isinf(subs_log_probs(out, xt, 10)), 0).double().sum()
+
+    inputs = tuple(params[n].detach().clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-4, fast_mode=True)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = random_model(dropout=0.1).train()
+    x0 = torch.randint(0, 36, (2, 24))
+    xt = x0.masked_fill(torch.rand(2, 24) < 0.5, 36)
+    logits = model(xt, x0=x0, block_size=4, sigma=torch.rand(2))
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("sigma_map") and not model.config.time_conditioning:
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+# -- SUBS ---------------------------------------------------------------------------------------
+
+
+def test_subs_never_predicts_the_mask_and_carries_unmasked_tokens():
+    logits = torch.randn(2, 5, 7)
+    xt = torch.tensor([[6, 1, 6, 3, 6], [0, 6, 6, 6, 2]])
+    lp = subs_log_probs(logits, xt, mask_id=6)
+    assert torch.isneginf(lp[..., 6]).all()
+    masked = xt == 6
+    torch.testing.assert_close(lp[masked].exp().sum(-1), torch.ones(int(masked.sum())))
+    assert (lp[~masked].argmax(-1) == xt[~masked]).all() and (lp[~masked].max(-1).values == 0).all()
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = random_model(time_conditioning=True)
+    model.config.extra["note"] = "kept"
+    model.save_pretrained(tmp_path)
+    loaded = BlockDiffusionLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    assert json.load(open(tmp_path / "config.json"))["format"] == "did_engine"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def _tamper(tmp_path, edit):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _tamper(tmp_path, lambda t: t.pop("blocks.1.attn_out.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: blocks\.1\.attn_out\.weight"):
+        BlockDiffusionLM.from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    _tamper(tmp_path, lambda t: t.update({"blocks.7.extra": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: blocks\.7\.extra"):
+        BlockDiffusionLM.from_pretrained(tmp_path)
+
+
+def test_mis_shaped_tensor_is_named(tmp_path):
+    _tamper(tmp_path, lambda t: t.update({"output_layer.linear.bias": torch.zeros(5)}))
+    with pytest.raises(CheckpointError, match=r"output_layer\.linear\.bias: checkpoint \(5,\)"):
+        BlockDiffusionLM.from_pretrained(tmp_path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        BlockDiffusionLM.from_pretrained(tmp_path)
