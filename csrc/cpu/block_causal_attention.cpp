@@ -1,0 +1,144 @@
+// block_causal_attention on CPU.
+//
+// Query position p (in block j = p / block_size) sees keys [0, key_end(p)) with
+// key_end(p) = min((j + 1) * block_size, S). A work item is a chunk of consecutive query
+// positions of one (batch row b, kv head g), with all of their H / H_kv query heads:
+//   1. every row of the chunk attends to the keys [0, key_end(first position)) that all
+//      of them see, in one stream (that is most of the work, at full row count);
+//   2. the rows of each later query block in the chunk attend to the remaining keys of
+//      their own block range.
+// Masked keys are never touched, so the cost is about half that of dense attention at
+// long sequences, and no mask is ever built or applied.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/attention_tile.h"
+
+namespace did_engine {
+namespace {
+
+using namespace cpu_attention;
+
+// Query rows (positions x heads of a group) per work item: enough to reuse each key tile
+// many times, few enough for many items.
+constexpr int64_t kTargetRows = 32;
+
+// Splits the S query positions into chunks [begin, end) of about `positions` positions:
+// whole query blocks grouped together when blocks are small, a block cut into equal parts
+// when it is large. Chunks come out in increasing position (hence increasing cost).
+std::vector<std::pair<int64_t, int64_t>> query_chunks(int64_t S, int64_t block_size, int64_t positions) {
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  if (block_size <= positions) {
+    const int64_t span = positions / block_size * block_size;
+    for (int64_t p = 0; p < S; p += span) chunks.emplace_back(p, std::min(p + span, S));
+  } else {
+    for (int64_t start = 0; start < S; start += block_size) {
+      const int64_t len = std::min(block_size, S - start);
+      const int64_t parts = ceil_div(len, positions);
+      for (int64_t k = 0; k < parts; ++k)
+        chunks.emplace_back(start + k * len / parts, start + (k + 1) * len / parts);
+    }
+  }
+  return chunks;
+}
+
+template <typename T>
+void causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_size, float scale,
+                      at::Tensor& out) {
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t H_kv = k.size(2);
+  const int64_t group = H / H_kv;
+  const int64_t dp = round_up(D, kLanes);
+  const int64_t positions = std::max<int64_t>(1, kTargetRows / group);
+  const auto chunks = query_chunks(S, block_size, positions);
+  int64_t max_rows = 0;
+  for (const auto& [begin, end] : chunks) max_rows = std::max(max_rows, (end - begin) * group);
+
+  const T* q_ptr = q.const_data_ptr<T>();
+  const T* k_ptr = k.const_data_ptr<T>();
+  const T* v_ptr = v.const_data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  auto key_end = [&](int64_t p) { return std::min((p / block_size + 1) * block_size, S); };
+
+  // item = (b * H_kv + g) * chunks + c: the threads, dealt neighbouring items, work on
+  // the chunks of one (b, g) at a time, so its keys stay in cache across the chunks.
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  const int64_t items = n_chunks * B * H_kv;
+  run_items(
+      items, [&] { return RowWorkspace(max_rows, dp); },
+      [&](int64_t item, RowWorkspace& ws) {
+        const int64_t c = item % n_chunks, g = item / n_chunks % H_kv, b = item / n_chunks / H_kv;
+        const auto [p_begin, p_end] = chunks[c];
+        const int64_t rows = (p_end - p_begin) * group;  // row r = (p - p_begin) * group + hh
+
+        float* q_rows = ws.q_rows();
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t p = p_begin + r / group, h = g * group + r % group;
+          row_to_float(q_ptr + b * q.stride(0) + p * q.stride(1) + h * q.stride(2), D, dp, scale, q_rows + r * dp);
+        }
+        const QueryRows state = ws.rows.slice(0, rows, dp);
+        state.reset(dp);
+
+        const KeyRange<T> keys{k_ptr + b * k.stride(0) + g * k.stride(2), v_ptr + b * v.stride(0) + g * v.stride(2),
+                               k.stride(1), v.stride(1), S};
+        // 1. Keys every row of the chunk sees.
+        const int64_t shared_end = key_end(p_begin);
+        attend(state, keys.sub(0, shared_end), D, dp, ws.tiles);
+        // 2. Each later query block in the chunk: the rest of its visible keys.
+        for (int64_t p = shared_end; p < p_end;) {
+          const int64_t block_end = key_end(p);
+          const int64_t rows_end = std::min(block_end, p_end);
+          attend(state.slice((p - p_begin) * group, (rows_end - p_begin) * group, dp), keys.sub(shared_end, block_end),
+                 D, dp, ws.tiles);
+          p = rows_end;
+        }
+
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t p = p_begin + r / group, h = g * group + r % group;
+          float_row_to<T>(state.acc + r * dp, 1.f / state.row_sum[r], D, out_ptr + ((b * S + p) * H + h) * D);
+        }
+      });
+}
+
+at::Tensor block_causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                      int64_t block_size, std::optional<double> scale) {
+  constexpr const char* op = "block_causal_attention";
+  check_block_causal_attention(q_in, k_in, v_in, block_size);
+  DID_CHECK(q_in.device().is_cpu(), op, "the CPU kernel got tensors on ", q_in.device());
+  const double softmax_scale = resolve_scale(scale, q_in.size(3), op);
+
+  at::Tensor out = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor k = last_dim_contiguous(k_in);
+  const at::Tensor v = last_dim_contiguous(v_in);
+  const float scale_f = static_cast<float>(softmax_scale);
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      causal_attention<float>(q, k, v, block_size, scale_f, out);
+      break;
+    case at::kBFloat16:
+      causal_attention<c10::BFloat16>(q, k, v, block_size, scale_f, out);
+      break;
+    case at::kHalf:
+      causal_attention<c10::Half>(q, k, v, block_size, scale_f, out);
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unreachable dtype ", q.scalar_type());  // rejected by the checks
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(did_engine, CPU, m) { m.impl("block_causal_attention", &block_causal_attention_cpu); }
+
+}  // namespace did_engine

@@ -1,0 +1,146 @@
+"""block_causal_attention (CPU kernel) against the pure-PyTorch reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from did_engine import ops
+from did_engine.ops.reference import reference_block_causal_attention
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+op = torch.ops.did_engine.block_causal_attention.default
+
+
+def make_inputs(B, S, H, H_kv, D, dtype=torch.float32):
+    """Random q [B,S,H,D], k/v [B,S,H_kv,D]."""
+    q = torch.randn(B, S, H, D, dtype=dtype)
+    k = torch.randn(B, S, H_kv, D, dtype=dtype)
+    v = torch.randn(B, S, H_kv, D, dtype=dtype)
+    return q, k, v
+
+
+def check_against_reference(check, q, k, v, block_size, scale=None):
+    out = ops.block_causal_attention(q, k, v, block_size, scale=scale)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    ref64 = reference_block_causal_attention(q.double(), k.double(), v.double(), block_size, scale=scale)
+    ref_low = None if q.dtype == torch.float32 else reference_block_causal_attention(q, k, v, block_size, scale=scale)
+    check(out, ref64, ref_low)
+
+
+# (B, S, H, H_kv, D, block_size): S not a multiple of the block, causal (1), block >= S
+# (bidirectional), blocks larger than a work chunk, GQA and plain heads.
+SHAPES = [
+    (1, 1, 1, 1, 16, 1),
+    (2, 97, 12, 4, 64, 4),
+    (1, 1025, 2, 2, 24, 16),
+    (3, 33, 2, 1, 80, 1),
+    (1, 50, 2, 2, 16, 100),
+    (2, 200, 4, 2, 20, 70),
+    (1, 3, 3, 3, 64, 2),
+    (1, 97, 6, 2, 64, 97),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}S{}H{}Hkv{}D{}bs{}".format(*s))
+def test_matches_reference(shape, dtype, check_lowp_error):
+    *dims, block_size = shape
+    check_against_reference(check_lowp_error, *make_inputs(*dims, dtype=dtype), block_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_explicit_scale(dtype, check_lowp_error):
+    check_against_reference(check_lowp_error, *make_inputs(2, 37, 4, 2, 32, dtype=dtype), 5, scale=0.2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype, check_lowp_error):
+    B, S, H, H_kv, D = 2, 97, 12, 4, 24
+    q = torch.randn(B, H, S, D, dtype=dtype).transpose(1, 2)  # heads-major storage
+    k = torch.randn(B, S + 3, H_kv, 2 * D, dtype=dtype)[:, 3:, :, :D]  # a slice
+    v = torch.randn(D, B, S, H_kv, dtype=dtype).permute(1, 2, 3, 0)  # last dim strided
+    assert not any(t.is_contiguous() for t in (q, k, v))
+    check_against_reference(check_lowp_error, q, k, v, 8)
+
+
+def test_block_one_is_causal_and_block_s_is_full():
+    q, k, v = make_inputs(1, 40, 4, 2, 32)
+    kr, vr = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+    sdpa = lambda causal: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2), is_causal=causal
+    ).transpose(1, 2)
+    torch.testing.assert_close(ops.block_causal_attention(q, k, v, 1), sdpa(True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.block_causal_attention(q, k, v, 40), sdpa(False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.block_causal_attention(q, k, v, 1000), sdpa(False), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_inputs():
+    assert ops.block_causal_attention(*make_inputs(0, 5, 2, 2, 8), 2).shape == (0, 5, 2, 8)
+    assert ops.block_causal_attention(*make_inputs(2, 0, 2, 2, 8), 2).shape == (2, 0, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (*make_inputs(2, 19, 12, 4, 64), 4),
+        (*make_inputs(1, 7, 2, 2, 24, dtype=torch.bfloat16), 3),
+        (*make_inputs(1, 40, 3, 1, 20, dtype=torch.float16), 100),
+    ],
+    ids=["f32-gqa", "bf16", "f16-full"],
+)
+def test_opcheck(args):
+    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, (*args, 0.5))
+
+
+# ---------------------------------------------------------------------------------------
+# Invalid inputs raise ValueError naming the argument.
+
+Q, K, V = make_inputs(2, 8, 4, 2, 16)
+
+
+@pytest.mark.parametrize(
+    "bad_args, match",
+    [
+        ((Q[0], K, V, 2), "q must be a 4-D"),
+        ((Q, K[..., 0], V, 2), "k must be a 4-D"),
+        ((Q, K, V[None], 2), "v must be a 4-D"),
+        ((Q.double(), K, V, 2), "q must be float32, bfloat16 or float16"),
+        ((Q, K.half(), V, 2), "k has dtype"),
+        ((Q, K, V.bfloat16(), 2), "v has dtype"),
+        ((Q, torch.randn(2, 8, 3, 16), torch.randn(2, 8, 3, 16), 2), "not a multiple"),
+        ((Q, torch.randn(2, 9, 2, 16), V, 2), "k must be"),
+        ((Q, torch.randn(2, 8, 2, 8), V, 2), "k must be"),
+        ((Q, K, torch.randn(2, 8, 1, 16), 2), "v must have"),
+        ((Q, K, V, 0), "block_size must be >= 1"),
+        ((Q, K, V, -3), "block_size must be >= 1"),
+        ((Q, K, V, 2, math.inf), "scale must be finite"),
+    ],
+)
+def test_bad_inputs_raise_value_error(bad_args, match):
+    with pytest.raises(ValueError, match=match):
+        op(*bad_args)
+
+
+# ---------------------------------------------------------------------------------------
+# Fuzz. (The only function-scoped fixture is the autouse seed, harmless across examples.)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_against_reference(data, check_lowp_error):
+    B = data.draw(st.integers(1, 2), label="B")
+    S = data.draw(st.integers(1, 70), label="S")
+    H_kv = data.draw(st.integers(1, 3), label="H_kv")
+    group = data.draw(st.integers(1, 3), label="group")
+    D = data.draw(st.integers(1, 40), label="D")
+    block_size = data.draw(st.integers(1, 80), label="block_size")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    scale = data.draw(st.one_of(st.none(), st.floats(0.05, 2.0)), label="scale")
+    q, k, v = make_inputs(B, S, H_kv * group, H_kv, D, dtype=dtype)
+    check_against_reference(check_lowp_error, q, k, v, block_size, scale=scale)
