@@ -21,5 +21,11 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 
 from did_engine import ops  # noqa: E402
 from did_engine._build_info import build_info  # noqa: E402
+from did_engine.kv_cache import BlockKVCache  # noqa: E402
+from did_engine.model import BlockDiffusionLM, ModelConfig  # noqa: E402
+from did_engine.sampler import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
 
-__all__ = ["__version__", "build_info", "ops"]
+__all__ = [
+    "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
+    "DiDSampler", "SamplerConfig", "RefineStage", "GenerationResult", "generate",
+]

@@ -1,0 +1,210 @@
+"""The ``did-engine`` command line.
+
+    did-engine generate --model PATH [options]     draft-then-refine generation
+    did-engine info                                 what the compiled op library contains
+
+Run ``did-engine generate --help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def _parse_stage(text: str):
+    """BLOCK:RATIO[:STEPS], BLOCK an int or 'global'; STEPS an int or 'auto' (one token per call)."""
+    from did_engine.sampler import RefineStage
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"stage {text!r} must be BLOCK:RATIO[:STEPS], e.g. global:0.25:8")
+    try:
+        block = None if parts[0] in ("global", "L", "") else int(parts[0])
+        ratio = float(parts[1])
+        steps = 8 if len(parts) == 2 else (None if parts[2] in ("auto", "") else int(parts[2]))
+        return RefineStage(block, ratio, steps)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad stage {text!r}: {exc}") from None
+
+
+def _parse_ids(text: str):
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be integers separated by commas, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="did-engine", description="Block diffusion LMs with the DiD sampler.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="generate text: block-diffusion draft, then refinement stages",
+        description="Draft the sequence with small blocks and an exact KV cache, recording each token's "
+                    "snapshot confidence, then remask the least confident tokens and rewrite them with "
+                    "larger (by default global) blocks.")
+    src = gen.add_argument_group("model")
+    src.add_argument("--model", required=True,
+                     help="checkpoint directory (did_engine or BD3-LM Hugging Face format), or "
+                          "'preset:NAME' for a randomly initialised preset (tiny, small): useful for timing only")
+    src.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    src.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                     help="model dtype (float32 on CPUs: bf16 matmuls are slow without bf16 instructions)")
+    io = gen.add_argument_group("prompt and output")
+    io.add_argument("--prompt", default=None,
+                    help="prompt text (needs a tokenizer.json in the model directory)")
+    io.add_argument("--prompt-ids", type=_parse_ids, default=None, help="prompt as token ids, e.g. 50256,464")
+    io.add_argument("--length", type=int, default=None, help="tokens per sample including the prompt "
+                                                              "(default: the model's context length)")
+    io.add_argument("--batch", type=int, default=1, help="samples generated together")
+    io.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
+    io.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    draft = gen.add_argument_group("draft")
+    draft.add_argument("--method", default="did", choices=["did", "mdlm"],
+                       help="did: block draft + refinement stages; mdlm: global sampling from all-mask (baseline)")
+    draft.add_argument("--block-size", type=int, default=4, help="draft block size")
+    draft.add_argument("--strategy", default="first_hitting", choices=["first_hitting", "topk", "threshold"],
+                       help="which masked positions each draft step fills: one uniformly chosen (BD3-LM), "
+                            "the k most confident, or all above a threshold")
+    draft.add_argument("--tokens-per-step", type=int, default=2, help="k of the topk strategy")
+    draft.add_argument("--threshold", type=float, default=0.9, help="tau of the threshold strategy")
+    draft.add_argument("--mdlm-steps", type=int, default=None, help="model calls of the mdlm method "
+                                                                    "(default: one per token)")
+    refine = gen.add_argument_group("refinement")
+    refine.add_argument("--stage", dest="stages", type=_parse_stage, action="append", default=None,
+                        help="refinement stage BLOCK:RATIO[:STEPS] (repeatable; BLOCK 'global' = whole "
+                             "sequence; STEPS model calls per block, 'auto' = one token per call). "
+                             "Default: one stage global:0.25:8")
+    refine.add_argument("--no-refine", action="store_true", help="draft only (plain BD3-LM sampling)")
+    refine.add_argument("--policy", default="snapshot", choices=["snapshot", "posthoc", "random"],
+                        help="which tokens a stage remasks: lowest snapshot confidence (DiD), lowest "
+                             "probability under a re-scoring forward, or random")
+    samp = gen.add_argument_group("sampling")
+    samp.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    samp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    samp.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator driving every draw")
+    samp.add_argument("--eos-id", type=int, default=None, help="end-of-sequence token id")
+    samp.add_argument("--stop-at-eos", action="store_true", help="end each row at its first EOS")
+
+    sub.add_parser("info", help="print did_engine.build_info() as JSON")
+    return parser
+
+
+def _load_model(spec: str, device: str, dtype):
+    from did_engine.model import PRESETS, BlockDiffusionLM
+
+    if spec.startswith("preset:"):
+        name = spec.split(":", 1)[1]
+        if name not in PRESETS:
+            raise CLIError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+        torch.manual_seed(0)
+        return BlockDiffusionLM.from_preset(name, dropout=0.0).to(device=device, dtype=dtype).eval(), None
+    if not os.path.isdir(spec):
+        raise CLIError(f"--model {spec!r} is not a directory (or 'preset:NAME')")
+    model = BlockDiffusionLM.from_pretrained(spec, device=device, dtype=dtype)
+    tokenizer = None
+    tok_path = os.path.join(spec, "tokenizer.json")
+    if os.path.isfile(tok_path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise CLIError("the model ships a tokenizer.json: pip install tokenizers to use it") from None
+        tokenizer = Tokenizer.from_file(tok_path)
+    return model, tokenizer
+
+
+def _rewritten_markup(tokens, draft, tokenizer, start):
+    """The refined text with every rewritten token in [brackets]."""
+    pieces = []
+    for i in range(start, len(tokens)):
+        piece = tokenizer.decode([tokens[i]]) if tokenizer else f" {tokens[i]}"
+        pieces.append(f"[{piece}]" if tokens[i] != draft[i] else piece)
+    return "".join(pieces)
+
+
+def cmd_generate(args) -> int:
+    from did_engine.sampler import RefineStage, SamplerConfig, generate
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available here")
+    model, tokenizer = _load_model(args.model, args.device, DTYPES[args.dtype])
+    prompt = None
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise CLIError("give --prompt or --prompt-ids, not both")
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise CLIError("--prompt needs a tokenizer.json in the model directory; use --prompt-ids")
+        prompt = torch.tensor(tokenizer.encode(args.prompt).ids)
+    elif args.prompt_ids is not None:
+        prompt = torch.tensor(args.prompt_ids)
+    stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
+    config = SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
+                           tokens_per_step=args.tokens_per_step, threshold=args.threshold, stages=stages,
+                           remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,
+                           top_p=args.top_p, temperature=args.temperature, eos_id=args.eos_id,
+                           stop_at_eos=args.stop_at_eos)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    result = generate(model, args.batch, prompt=prompt, generator=generator, config=config,
+                      progress=not (args.no_progress or args.json))
+    decode = (lambda ids: tokenizer.decode(ids)) if tokenizer else None
+    if args.json:
+        out = {
+            "tokens": result.tokens.tolist(), "draft_tokens": result.draft_tokens.tolist(),
+            "confidence": [[None if c == float("inf") else c for c in row] for row in result.confidence.tolist()],
+            "lengths": result.lengths.tolist(), "prompt_length": result.prompt_length,
+            "remasked": {k: v.tolist() for k, v in result.remasked.items()},
+            "nfe": result.nfe, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second(),
+            "settings": {**{k: v for k, v in vars(args).items() if k not in ("stages", "func")},
+                         "stages": [vars(s) for s in stages]},
+        }
+        if decode:
+            out["text"] = [decode(r[: int(n)].tolist()) for r, n in zip(result.tokens, result.lengths)]
+            out["draft_text"] = [decode(r[: int(n)].tolist()) for r, n in zip(result.draft_tokens, result.lengths)]
+        print(json.dumps(out))
+        return 0
+    for b in range(result.tokens.shape[0]):
+        n = int(result.lengths[b])
+        tokens, draft = result.tokens[b, :n].tolist(), result.draft_tokens[b, :n].tolist()
+        print(f"=== sample {b} ===")
+        print("draft:   ", decode(draft) if decode else " ".join(map(str, draft)))
+        if stages:
+            print("refined: ", decode(tokens) if decode else " ".join(map(str, tokens)))
+            changed = sum(t != d for t, d in zip(tokens, draft))
+            print(f"rewritten ({changed} tokens in [brackets]):",
+                  _rewritten_markup(tokens, draft, tokenizer, result.prompt_length))
+    print()
+    print(result.summary_table())
+    print(f"{result.tokens_per_second():.1f} generated tokens/s, batch {result.tokens.shape[0]}, "
+          f"{result.total_nfe} model calls")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            import did_engine
+
+            print(json.dumps(did_engine.build_info(), indent=2))
+            return 0
+        return cmd_generate(args)
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        print(f"did-engine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

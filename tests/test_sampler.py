@@ -1,0 +1,280 @@
+"""DiDSampler: unmask order, snapshot confidences, NFE accounting, remasking, reproducibility."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from did_engine.model import BlockDiffusionLM, ModelConfig
+from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, generate
+
+
+class ToyDenoiser(torch.nn.Module):
+    """Logits depend only on the absolute position: logits[b, p] = table[p] (known in advance).
+
+    It offers the BlockDiffusionLM surface and logs every call and the masked positions it saw.
+    """
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table  # [L, V]
+        self.mask_id = table.shape[1] - 1
+        self.config = SimpleNamespace(model_length=table.shape[0])
+        self.calls = Counter()
+        self.seen_masks = []  # per decode call: absolute positions still masked
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the sampler a device
+
+    def new_kv_cache(self, batch_size, max_len=None):
+        return SimpleNamespace(lengths=torch.zeros(batch_size, dtype=torch.int64))
+
+    def decode(self, block, cache):
+        self.calls["decode"] += 1
+        pos = cache.lengths[:, None] + torch.arange(block.shape[1])
+        self.seen_masks.append(sorted(pos[block == self.mask_id].tolist()))
+        return self.table[pos]
+
+    def commit(self, block, cache, block_size=None):
+        self.calls["commit"] += 1
+        cache.lengths += block.shape[1]
+
+    def forward(self, tokens, block_size=None):
+        self.calls["forward"] += 1
+        return self.table[: tokens.shape[1]].expand(tokens.shape[0], -1, -1)
+
+
+def subs_probs(table: torch.Tensor) -> torch.Tensor:
+    """Independent SUBS: softmax over everything but the mask (last) column."""
+    probs = torch.softmax(table[:, :-1].double(), -1)
+    return torch.cat([probs, torch.zeros(table.shape[0], 1, dtype=torch.float64)], -1)
+
+
+def random_table(L=12, V=9, seed=0):
+    return torch.randn(L, V, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=29, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=2, dropout=0.0)
+    model = BlockDiffusionLM(ModelConfig(**{**cfg, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+# -- the draft against a hand computation -----------------------------------------------------
+
+
+def test_greedy_topk_unmask_order_and_confidence_match_hand_computation():
+    table = random_table()
+    toy = ToyDenoiser(table)
+    result = generate(toy, 1, length=12, block_size=4, strategy="topk", tokens_per_step=1, temperature=0)
+    probs = subs_probs(table)
+    best_p, best_tok = probs.max(-1)
+    # Within each block, positions are unmasked from the most to the least confident.
+    expected_seen = []
+    for start in range(0, 12, 4):
+        order = sorted(range(start, start + 4), key=lambda p: -float(best_p[p]))
+        for i in range(4):
+            expected_seen.append(sorted(order[i:]))
+    assert toy.seen_masks == expected_seen
+    assert result.tokens[0].tolist() == best_tok.tolist()
+    torch.testing.assert_close(result.confidence[0].double(), best_p, atol=1e-6, rtol=1e-6)
+
+
+def test_first_hitting_makes_one_call_per_generated_token():
+    toy = ToyDenoiser(random_table(L=16))
+    prompt = torch.tensor([0, 1, 2, 3, 4, 5])
+    result = generate(toy, 2, prompt=prompt, length=16, block_size=4, generator=torch.Generator().manual_seed(0))
+    assert toy.calls["decode"] == 10 == result.nfe["draft"]["decode"]
+    # One prefill commit (the prompt's full block), then every block but the last.
+    assert toy.calls["commit"] == result.nfe["draft"]["commit"] == 1 + 2
+    assert all(len(seen) >= 1 for seen in toy.seen_masks)
+    assert result.tokens[:, :6].tolist() == [prompt.tolist()] * 2
+    assert (result.tokens != toy.mask_id).all()
+
+
+def test_threshold_commits_every_confident_position_at_once():
+    table = torch.full((8, 5), -10.0)
+    table[:, 0] = 10.0  # every position is near-certain
+    toy = ToyDenoiser(table)
+    result = generate(toy, 1, length=8, block_size=4, strategy="threshold", threshold=0.9, temperature=0)
+    assert result.nfe["draft"]["decode"] == 2  # one call per block
+    assert toy.seen_masks == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+# -- refinement ---------------------------------------------------------------------------------
+
+
+def test_remask_ratio_zero_leaves_the_draft_unchanged():
+    model = tiny_model()
+    result = generate(model, 2, length=24, stages=[(None, 0.0, 4)], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(result.tokens, result.draft_tokens)
+    assert result.remasked["refine_1"].shape == (2, 0)
+    assert result.nfe["refine_1"].get("forward", 0) == 0
+
+
+def test_remask_ratio_one_remasks_every_generated_token_and_never_the_prompt():
+    model = tiny_model()
+    prompt = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    result = generate(model, prompt=prompt, length=24, stages=[(None, 1.0, 5)],
+                      generator=torch.Generator().manual_seed(2))
+    assert result.remasked["refine_1"].tolist() == [list(range(5, 24))] * 2
+    assert torch.equal(result.tokens[:, :5], prompt)
+    assert result.nfe["refine_1"]["forward"] == 5
+    assert (result.tokens != model.mask_id).all()
+
+
+def test_snapshot_policy_remasks_the_least_confident_draft_tokens():
+    table = random_table(L=16)
+    toy = ToyDenoiser(table)
+    result = generate(toy, 1, prompt=torch.tensor([1, 2]), length=16, temperature=0, strategy="topk",
+                      stages=[RefineStage(None, 0.5, 2)])
+    draft_conf = result.draft_confidence[0, 2:]
+    expected = sorted((torch.argsort(draft_conf, stable=True)[:7] + 2).tolist())
+    assert result.remasked["refine_1"][0].tolist() == expected
+
+
+def test_posthoc_rescoring_costs_one_forward_and_random_is_seeded():
+    model = tiny_model()
+    post = generate(model, 2, length=24, stages=[(None, 0.25, 3)], remask_policy="posthoc",
+                    generator=torch.Generator().manual_seed(0))
+    assert post.nfe["refine_1"]["rescore"] == 1 and post.nfe["refine_1"]["forward"] == 3
+    runs = [generate(model, 2, length=24, stages=[(None, 0.25, 3)], remask_policy="random",
+                     generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(runs[0].remasked["refine_1"], runs[1].remasked["refine_1"])
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
+def test_small_refine_blocks_use_the_cache_and_count_commits():
+    model = tiny_model()
+    result = generate(model, 2, length=24, stages=[(8, 0.25, None)], generator=torch.Generator().manual_seed(0))
+    nfe = result.nfe["refine_1"]
+    assert nfe["commit"] == 2  # blocks 0 and 1 are committed, the last is not
+    # One token per call: each block takes as many calls as its most-remasked row needs.
+    idx = result.remasked["refine_1"]
+    per_block = [int(((idx >= s) & (idx < s + 8)).sum(-1).max()) for s in range(0, 24, 8)]
+    assert nfe["decode"] == sum(per_block) > 0
+    assert (result.tokens != model.mask_id).all()
+
+
+def test_stages_chain_and_results_report_every_stage():
+    model = tiny_model()
+    result = generate(model, 2, length=24, stages=[(None, 0.25, 2), (8, 0.25, 2)],
+                      generator=torch.Generator().manual_seed(0))
+    assert list(result.nfe) == ["draft", "refine_1", "refine_2"] == list(result.seconds)
+    assert set(result.remasked) == {"refine_1", "refine_2"}
+    assert result.total_nfe == sum(sum(v.values()) for v in result.nfe.values())
+    assert "refine_2" in result.summary_table()
+
+
+# -- reproducibility and batching ------------------------------------------------------------
+
+
+def test_same_seed_same_tokens_and_another_seed_differs():
+    model = tiny_model()
+    kwargs = dict(length=32, strategy="topk", stages=[(None, 0.25, 4)])
+    a = generate(model, 3, generator=torch.Generator().manual_seed(7), **kwargs)
+    b = generate(model, 3, generator=torch.Generator().manual_seed(7), **kwargs)
+    c = generate(model, 3, generator=torch.Generator().manual_seed(8), **kwargs)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.confidence, b.confidence)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("strategy", ["first_hitting", "topk", "threshold"])
+def test_a_row_in_a_batch_equals_the_row_alone_with_its_generator(strategy):
+    model = tiny_model()
+    kwargs = dict(length=32, strategy=strategy, threshold=0.5, stages=[(None, 0.25, 4)])
+    seeds = [10, 11, 12]
+    batch = generate(model, 3, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    for row, seed in enumerate(seeds):
+        alone = generate(model, 1, generator=[torch.Generator().manual_seed(seed)], **kwargs)
+        assert torch.equal(batch.tokens[row], alone.tokens[0])
+        assert torch.equal(batch.draft_tokens[row], alone.draft_tokens[0])
+
+
+class UncachedModel(torch.nn.Module):
+    """The same model decoding without a cache: block-causal forward over everything so far."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.mask_id, self.config = model, model.mask_id, model.config
+
+    def new_kv_cache(self, batch_size, max_len=None):
+        return SimpleNamespace(tokens=torch.zeros(batch_size, 0, dtype=torch.int64))
+
+    def decode(self, block, cache):
+        seq = torch.cat([cache.tokens, block], 1)
+        return self.inner(seq, block_size=self.inner.config.block_size)[:, -block.shape[1]:]
+
+    def commit(self, block, cache, block_size=None):
+        cache.tokens = torch.cat([cache.tokens, block], 1)
+
+    def forward(self, tokens, block_size=None):
+        return self.inner(tokens, block_size=block_size)
+
+
+def test_kv_cached_draft_equals_uncached_block_causal_draft_under_greedy():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]] * 2)
+    kwargs = dict(prompt=prompt, length=32, temperature=0, strategy="topk", tokens_per_step=1)
+    cached = generate(model, **kwargs)
+    uncached = generate(UncachedModel(model), **kwargs)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    torch.testing.assert_close(cached.confidence, uncached.confidence, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_past_the_context_slides_the_cache():
+    model = tiny_model()
+    result = generate(model, 2, length=48, generator=torch.Generator().manual_seed(0))  # model_length 32
+    assert result.tokens.shape == (2, 48) and (result.tokens != model.mask_id).all()
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(model, 2, length=48, stages=[(None, 0.25, 2)])
+
+
+# -- EOS, MDLM baseline, arguments ----------------------------------------------------------------
+
+
+def test_stop_at_eos_ends_rows_and_refinement_keeps_the_stop():
+    table = random_table(L=16, V=9)
+    table[5, 7] = 50.0  # position 5 is certainly token 7 (our EOS)
+    toy = ToyDenoiser(table)
+    result = generate(toy, 2, length=16, eos_id=7, stop_at_eos=True, temperature=0, strategy="topk",
+                      stages=[(None, 1.0, 2)])
+    for row in range(2):
+        first_eos = result.tokens[row].tolist().index(7)
+        assert first_eos <= 5
+        assert result.lengths[row] == first_eos + 1
+        assert (result.tokens[row, first_eos:] == 7).all()
+        assert (result.remasked["refine_1"][row] < first_eos).all()
+
+
+def test_mdlm_baseline_fills_everything_from_all_mask():
+    model = tiny_model()
+    result = generate(model, 2, prompt=torch.tensor([1, 2, 3]), length=24, method="mdlm", mdlm_steps=6,
+                      generator=torch.Generator().manual_seed(0))
+    assert result.nfe["draft"] == {"forward": 6}
+    assert (result.tokens != model.mask_id).all() and result.tokens[:, :3].tolist() == [[1, 2, 3]] * 2
+
+
+def test_bd3lm_preset_config_and_bad_arguments():
+    assert SamplerConfig.bd3lm().stages == [] and SamplerConfig.bd3lm().strategy == "first_hitting"
+    with pytest.raises(ValueError, match="strategy"):
+        SamplerConfig(strategy="greedy")
+    with pytest.raises(ValueError, match="remask_ratio"):
+        RefineStage(None, 1.5, 2)
+    with pytest.raises(ValueError, match="remask_policy"):
+        SamplerConfig(remask_policy="lowest")
+    model = tiny_model()
+    with pytest.raises(ValueError, match="prompt token ids"):
+        generate(model, 1, prompt=torch.tensor([model.mask_id]))
+    with pytest.raises(ValueError, match="no room"):
+        generate(model, 1, prompt=torch.arange(10), length=10)
+    with pytest.raises(ValueError, match="generator"):
+        generate(model, 2, generator=[torch.Generator()])
+    sampler = DiDSampler(model, SamplerConfig(length=16))
+    assert sampler.generate(2).tokens.shape == (2, 16)
