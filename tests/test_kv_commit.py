@@ -1,0 +1,271 @@
+"""kv_commit (CPU kernel) against the pure-PyTorch reference.
+
+The kernel writes the caches and advances cache_lens in place; each check compares the
+results with ``reference_kv_commit`` run on the same inputs (the reference clones). Caches
+start random (never zeros), so a copy to the wrong place or a missing copy shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import did_engine  # noqa: F401  (registers torch.ops.did_engine)
+from did_engine.ops import kv_commit
+from did_engine.ops.reference import reference_kv_commit
+
+OP = torch.ops.did_engine.kv_commit.default
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def rand(shape, dtype, gen):
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def make_case(B, S_max, H_kv, D, n, dtype=torch.float32, seed=0, lens=None):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = rand((B, S_max, H_kv, D), dtype, gen)
+    v_cache = rand((B, S_max, H_kv, D), dtype, gen)
+    k_block = rand((B, n, H_kv, D), dtype, gen)
+    v_block = rand((B, n, H_kv, D), dtype, gen)
+    if lens is None:
+        lens = torch.randint(0, S_max - n + 1, (B,), generator=gen)
+        lens[0] = 0
+        lens[-1] = S_max - n  # the last slot that fits
+    cache_lens = torch.as_tensor(lens, dtype=torch.int32).clone()
+    return k_cache, v_cache, k_block, v_block, cache_lens
+
+
+def run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens, via_op=False):
+    ref_k, ref_v, ref_lens = reference_kv_commit(k_cache, v_cache, k_block, v_block, cache_lens)
+    lens_obj = cache_lens
+    (OP if via_op else kv_commit)(k_cache, v_cache, k_block, v_block, cache_lens)
+    assert cache_lens is lens_obj
+    assert torch.equal(cache_lens, ref_lens), (cache_lens, ref_lens)
+    # Copies are exact in every dtype.
+    assert torch.equal(k_cache, ref_k)
+    assert torch.equal(v_cache, ref_v)
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement with the reference
+
+
+SHAPES = [  # (B, S_max, H_kv, D, n)
+    (1, 1, 1, 1, 1),  # n == S_max == 1
+    (3, 17, 2, 5, 4),
+    (4, 33, 1, 64, 1),  # n = 1, MQA-like single kv head
+    (2, 33, 3, 7, 33),  # n == S_max: every row at length 0
+    (5, 97, 8, 16, 16),  # several kv heads (GQA caches)
+    (64, 40, 2, 3, 8),  # many rows: parallel copy
+]
+
+
+@pytest.mark.parametrize("B,S_max,H_kv,D,n", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(B, S_max, H_kv, D, n, dtype):
+    run_and_compare(*make_case(B, S_max, H_kv, D, n, dtype, seed=B * 31 + S_max))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_direct_and_consecutive_commits(dtype):
+    # Three blocks in a row: each lands after the previous one.
+    k_cache, v_cache, _, _, cache_lens = make_case(3, 30, 2, 4, 5, dtype, seed=3, lens=[0, 7, 13])
+    gen = torch.Generator().manual_seed(4)
+    for step in range(3):
+        k_block, v_block = rand((3, 5, 2, 4), dtype, gen), rand((3, 5, 2, 4), dtype, gen)
+        run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens, via_op=step % 2 == 0)
+    assert cache_lens.tolist() == [15, 22, 28]
+
+
+def test_lengths_at_both_ends():
+    B, S_max, n = 4, 12, 5
+    run_and_compare(*make_case(B, S_max, 2, 3, n, seed=5, lens=[0, S_max - n, 0, S_max - n]))
+
+
+def test_empty_dims_still_advance_lengths():
+    # D == 0 or H_kv == 0: nothing to copy, but each row's length still grows by n.
+    for shape in [(2, 8, 0, 4), (2, 8, 3, 0)]:
+        B, S_max, H_kv, D = shape
+        run_and_compare(*make_case(B, S_max, H_kv, D, 3, seed=6, lens=[1, 5]))
+
+
+def test_empty_block():
+    run_and_compare(*make_case(3, 8, 2, 4, 0, seed=7, lens=[0, 4, 8]))
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_blocks(dtype):
+    B, S_max, H_kv, D, n = 3, 20, 4, 6, 5
+    k_cache, v_cache, _, _, cache_lens = make_case(B, S_max, H_kv, D, n, dtype, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    # k_block: every other head of a wider tensor; v_block: [B, H, n, D] storage permuted.
+    k_block = rand((B, n, 2 * H_kv, D), dtype, gen)[:, :, ::2]
+    v_block = rand((B, H_kv, n, D), dtype, gen).permute(0, 2, 1, 3)
+    assert not k_block.is_contiguous() and not v_block.is_contiguous()
+    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_with_strided_last_dim(dtype):
+    B, S_max, H_kv, D, n = 2, 9, 2, 5, 3
+    k_cache, v_cache, _, _, cache_lens = make_case(B, S_max, H_kv, D, n, dtype, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    k_block = rand((B, n, H_kv, 2 * D), dtype, gen)[..., ::2]
+    v_block = rand((B, n, H_kv, D, 3), dtype, gen)[..., 1]
+    assert k_block.stride(-1) != 1 and v_block.stride(-1) != 1
+    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+
+
+def test_caches_as_views_of_one_buffer():
+    # k and v caches interleaved in one [B, S_max, 2, H_kv, D] buffer (last dim contiguous).
+    B, S_max, H_kv, D, n = 3, 16, 2, 8, 4
+    gen = torch.Generator().manual_seed(12)
+    kv = torch.randn(B, S_max, 2, H_kv, D, generator=gen)
+    k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    k_block, v_block = torch.randn(B, n, H_kv, D, generator=gen), torch.randn(B, n, H_kv, D, generator=gen)
+    cache_lens = torch.tensor([0, 5, 12], dtype=torch.int32)
+    expected_k, expected_v, expected_lens = reference_kv_commit(k_cache, v_cache, k_block, v_block, cache_lens)
+    kv_commit(k_cache, v_cache, k_block, v_block, cache_lens)
+    assert torch.equal(kv[:, :, 0], expected_k) and torch.equal(kv[:, :, 1], expected_v)
+    assert torch.equal(cache_lens, expected_lens)
+
+
+def test_strided_cache_lens():
+    k_cache, v_cache, k_block, v_block, _ = make_case(3, 10, 1, 4, 2, seed=13)
+    lens_buffer = torch.tensor([4, -7, 0, -7, 8, -7], dtype=torch.int32)
+    cache_lens = lens_buffer[::2]
+    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+    assert lens_buffer.tolist() == [6, -7, 2, -7, 10, -7]
+
+
+# ---------------------------------------------------------------------------------------
+# opcheck
+
+
+def opcheck_samples():
+    samples = [make_case(3, 17, 2, 5, 4, torch.float32, seed=14), make_case(2, 9, 1, 8, 9, torch.bfloat16, seed=15)]
+    k_cache, v_cache, _, _, cache_lens = make_case(2, 12, 3, 4, 3, torch.float16, seed=16)
+    gen = torch.Generator().manual_seed(17)
+    k_block = rand((2, 3, 6, 4), torch.float16, gen)[:, :, 1::2]
+    v_block = rand((2, 4, 3, 3), torch.float16, gen).permute(0, 2, 3, 1)  # [2, 3, 3, 4], last dim strided
+    samples.append((k_cache, v_cache, k_block, v_block, cache_lens))
+    return samples
+
+
+@pytest.mark.parametrize("sample", range(3))
+def test_opcheck(sample):
+    torch.library.opcheck(OP, opcheck_samples()[sample])
+
+
+# ---------------------------------------------------------------------------------------
+# Refused calls: ValueError naming the argument, and nothing written
+
+
+def valid_args():
+    return dict(zip(["k_cache", "v_cache", "k_block", "v_block", "cache_lens"],
+                    make_case(3, 12, 2, 4, 3, torch.float32, seed=18, lens=[0, 4, 9])))
+
+
+def bad(**changes):
+    def build():
+        args = valid_args()
+        for name, fn in changes.items():
+            args[name] = fn(args)
+        return args
+    return build
+
+
+BAD_INPUTS = {
+    "overflow by one": (bad(cache_lens=lambda a: torch.tensor([0, 10, 9], dtype=torch.int32)), r"cache_lens\[1\]"),
+    "overflow in the last row": (bad(cache_lens=lambda a: torch.tensor([0, 0, 12], dtype=torch.int32)),
+                                 r"cache_lens\[2\]"),
+    "negative length": (bad(cache_lens=lambda a: torch.tensor([0, -1, 0], dtype=torch.int32)), r"cache_lens\[1\]"),
+    "k_cache 3-D": (bad(k_cache=lambda a: a["k_cache"][0]), "k_cache"),
+    "v_block 5-D": (bad(v_block=lambda a: a["v_block"][None]), "v_block"),
+    "cache_lens 2-D": (bad(cache_lens=lambda a: a["cache_lens"][None]), "cache_lens"),
+    "k_cache integer dtype": (bad(k_cache=lambda a: a["k_cache"].int()), "k_cache"),
+    "k_cache float64": (bad(k_cache=lambda a: a["k_cache"].double()), "k_cache"),
+    "v_cache dtype mismatch": (bad(v_cache=lambda a: a["v_cache"].half()), "v_cache"),
+    "k_block dtype mismatch": (bad(k_block=lambda a: a["k_block"].bfloat16()), "k_block"),
+    "v_block dtype mismatch": (bad(v_block=lambda a: a["v_block"].double()), "v_block"),
+    "cache_lens int64": (bad(cache_lens=lambda a: a["cache_lens"].long()), "cache_lens"),
+    "v_cache shape": (bad(v_cache=lambda a: torch.randn(3, 13, 2, 4)), "v_cache"),
+    "k_block head_dim": (bad(k_block=lambda a: torch.randn(3, 3, 2, 5)), "k_block"),
+    "k_block heads": (bad(k_block=lambda a: torch.randn(3, 3, 1, 4)), "k_block"),
+    "k_block batch": (bad(k_block=lambda a: torch.randn(2, 3, 2, 4)), "k_block"),
+    "v_block length": (bad(v_block=lambda a: torch.randn(3, 2, 2, 4)), "v_block"),
+    "cache_lens entries": (bad(cache_lens=lambda a: torch.zeros(4, dtype=torch.int32)), "cache_lens"),
+    "block longer than cache": (bad(k_block=lambda a: torch.randn(3, 13, 2, 4), v_block=lambda a: torch.randn(3, 13, 2, 4),
+                                    cache_lens=lambda a: torch.zeros(3, dtype=torch.int32)), "S_max"),
+    "k_cache strided last dim": (bad(k_cache=lambda a: torch.randn(3, 12, 2, 8)[..., ::2]), "k_cache"),
+    "v_cache strided last dim": (bad(v_cache=lambda a: torch.randn(3, 12, 2, 4, 2)[..., 0]), "v_cache"),
+    "v_cache is k_cache": (bad(v_cache=lambda a: a["k_cache"]), "v_cache"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_refused_and_nothing_written(case):
+    build, pattern = BAD_INPUTS[case]
+    args = build()
+    before = {name: t.clone() for name, t in args.items()}
+    with pytest.raises(ValueError, match=pattern):
+        OP(*args.values())
+    for name, t in args.items():
+        assert torch.equal(t, before[name]), f"{name} was modified by a refused call"
+
+
+def test_reference_refuses_the_same_lengths():
+    for case in ["overflow by one", "overflow in the last row", "negative length"]:
+        with pytest.raises(ValueError):
+            reference_kv_commit(*BAD_INPUTS[case][0]().values())
+
+
+@pytest.mark.parametrize("name", ["v_cache", "k_block", "v_block", "cache_lens"])
+def test_cpu_kernel_refuses_other_device(name):
+    args = valid_args()
+    before = {n: t.clone() for n, t in args.items() if n != name}
+    args[name] = args[name].to("meta")
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(ValueError, match=name):
+        OP.redispatch(cpu, *args.values())
+    for n, t in before.items():
+        assert torch.equal(args[n], t)
+
+
+# ---------------------------------------------------------------------------------------
+# Fuzz
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    B=st.integers(1, 4),
+    S_max=st.integers(1, 40),
+    H_kv=st.integers(1, 4),
+    D=st.integers(1, 16),
+    n_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    block_layout=st.sampled_from(["contiguous", "head_slice", "permuted", "strided_last"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_against_reference(B, S_max, H_kv, D, n_frac, dtype, block_layout, seed):
+    n = max(1, round(n_frac * S_max))
+    k_cache, v_cache, k_block, v_block, cache_lens = make_case(B, S_max, H_kv, D, n, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if block_layout == "head_slice":
+        k_block = rand((B, n, 2 * H_kv, D), dtype, gen)[:, :, 1::2]
+    elif block_layout == "permuted":
+        v_block = rand((B, H_kv, n, D), dtype, gen).transpose(1, 2)
+    elif block_layout == "strided_last":
+        k_block = rand((B, n, H_kv, 2 * D), dtype, gen)[..., ::2]
+    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
