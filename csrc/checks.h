@@ -130,8 +130,8 @@ inline void check_kv_commit(const at::Tensor& k_cache, const at::Tensor& v_cache
             ", n, H_kv=", H_kv, ", D=", D, "], got ", shape_str(k_block));
   DID_CHECK(v_block.sizes() == k_block.sizes(), op, "v_block must have k_block's shape ", shape_str(k_block),
             ", got ", shape_str(v_block));
-  DID_CHECK(k_block.size(1) <= k_cache.size(1), op, "a block of ", k_block.size(1),
-            " tokens cannot fit in a cache of S_max=", k_cache.size(1));
+  DID_CHECK(k_block.size(1) <= k_cache.size(1), op, "k_block holds ", k_block.size(1),
+            " tokens, which cannot fit in a cache of S_max=", k_cache.size(1));
   DID_CHECK(cache_lens.size(0) == B, op, "cache_lens must have B=", B, " entries, got ", cache_lens.size(0));
   check_last_dim_contiguous(k_cache, op, "k_cache");
   check_last_dim_contiguous(v_cache, op, "v_cache");

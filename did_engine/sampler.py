@@ -340,8 +340,9 @@ class DiDSampler:
             return None
         prompt = torch.as_tensor(prompt, dtype=torch.int64, device=device)
         if prompt.dim() == 1:
-            prompt = prompt[None].expand(batch_size, -1)
-        if prompt.dim() != 2 or prompt.shape[0] not in (1, batch_size):
+            prompt = prompt[None]
+        # A [R, P] prompt sets the batch (batch_size left at 1) or is one row shared by every row.
+        if prompt.dim() != 2 or prompt.shape[0] not in (1, batch_size) and batch_size != 1:
             raise ValueError(f"prompt must be [P] or [batch_size={batch_size}, P] token ids, got {tuple(prompt.shape)}")
         if prompt.shape[0] == 1:
             prompt = prompt.expand(batch_size, -1)

@@ -207,7 +207,7 @@ BAD_INPUTS = {
     "v_block length": (bad(v_block=lambda a: torch.randn(3, 2, 2, 4)), "v_block"),
     "cache_lens entries": (bad(cache_lens=lambda a: torch.zeros(4, dtype=torch.int32)), "cache_lens"),
     "block longer than cache": (bad(k_block=lambda a: torch.randn(3, 13, 2, 4), v_block=lambda a: torch.randn(3, 13, 2, 4),
-                                    cache_lens=lambda a: torch.zeros(3, dtype=torch.int32)), "S_max"),
+                                    cache_lens=lambda a: torch.zeros(3, dtype=torch.int32)), "k_block holds 13 tokens.*S_max"),
     "k_cache strided last dim": (bad(k_cache=lambda a: torch.randn(3, 12, 2, 8)[..., ::2]), "k_cache"),
     "v_cache strided last dim": (bad(v_cache=lambda a: torch.randn(3, 12, 2, 4, 2)[..., 0]), "v_cache"),
     "v_cache is k_cache": (bad(v_cache=lambda a: a["k_cache"]), "v_cache"),

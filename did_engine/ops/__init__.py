@@ -127,27 +127,44 @@ def snapshot_remask(tokens, confidence, num_remask, eligible, mask_id: int, rese
 
 
 # ---------------------------------------------------------------------------------------
-# Fake kernels: output metadata only (torch.compile, FakeTensor, opcheck).
+# Fake kernels: output metadata only (torch.compile, FakeTensor, opcheck). A call mixing
+# meta and real tensors also lands here, so the device check must be repeated.
+
+
+def _check_one_device(op: str, **tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{op}: {name} is on {device} but {first_name} is on {first}; "
+                             "all arguments must be on one device")
 
 
 @torch.library.register_fake("did_engine::block_decode_attention")
 def _block_decode_attention_fake(q, k_cache, v_cache, k_block, v_block, cache_lens, scale=None):
+    _check_one_device("block_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, k_block=k_block,
+                      v_block=v_block, cache_lens=cache_lens)
     torch._check(q.dim() == 4, lambda: "block_decode_attention: q must be 4-D [B, n, H, D]")
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("did_engine::kv_commit")
 def _kv_commit_fake(k_cache, v_cache, k_block, v_block, cache_lens):
+    _check_one_device("kv_commit", k_cache=k_cache, v_cache=v_cache, k_block=k_block, v_block=v_block,
+                      cache_lens=cache_lens)
     return None
 
 
 @torch.library.register_fake("did_engine::block_causal_attention")
 def _block_causal_attention_fake(q, k, v, block_size, scale=None):
+    _check_one_device("block_causal_attention", q=q, k=k, v=v)
     torch._check(q.dim() == 4, lambda: "block_causal_attention: q must be 4-D [B, S, H, D]")
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("did_engine::snapshot_remask")
 def _snapshot_remask_fake(tokens, confidence, num_remask, eligible, mask_id, reset_value, max_k):
+    _check_one_device("snapshot_remask", tokens=tokens, confidence=confidence, num_remask=num_remask,
+                      eligible=eligible)
     torch._check(tokens.dim() == 2, lambda: "snapshot_remask: tokens must be 2-D [B, S]")
     return tokens.new_empty((tokens.shape[0], max_k), dtype=torch.int64)
