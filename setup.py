@@ -93,8 +93,10 @@ def build_extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         cuda_arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         define_macros.append(("DID_ENGINE_WITH_CUDA", "1"))
+        # C++20 like torch's own extension default: torch >= 2.13 headers need it, and nvcc 13
+        # misparses ATen headers (List_inl.h) in C++17 mode with torch 2.11.
         extra_compile_args["nvcc"] = opt + [
-            "-std=c++17",
+            "-std=c++20",
             "--expt-relaxed-constexpr",
             "--use_fast_math",
             "-lineinfo",

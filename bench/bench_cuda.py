@@ -1,0 +1,341 @@
+"""CUDA microbenchmarks of the did_engine kernels against PyTorch baselines.
+
+    python bench/bench_cuda.py                 # everything, table saved under bench/results/
+    python bench/bench_cuda.py --only decode --iters 50 --out my_table.md
+
+What is measured (bf16 unless noted; times are medians of CUDA-event timings, with the L2
+cache flushed before every timed call unless --warm-l2):
+
+* decode attention: ``block_decode_attention`` (a block of n queries against a full KV
+  cache plus the block's own keys, no mask) against SDPA on the same keys laid out as one
+  contiguous [B, H, L, D] tensor (flash, efficient and cuDNN backends, each where it
+  applies) and compiled FlexAttention. The baselines get their keys pre-concatenated: the
+  concatenation is not timed. B in {1, 8, 64}, S in {1024, 4096} keys per row
+  (cache_lens = S - n), H = 12, D = 64, n in {4, 16}.
+* snapshot remask: ``snapshot_remask`` against ``torch.topk`` + ``scatter_`` (+ the sort
+  that makes the indices ascending), B = 64, S = 1024, k = 256.
+* block-causal attention: ``block_causal_attention`` against SDPA with a dense boolean
+  mask and compiled FlexAttention with a block mask.
+
+Bandwidth is the logical minimum traffic (every input read once, every output written
+once) over the time, and is also given as a % of this device's copy bandwidth, measured
+here with a large tensor copy (bytes read + written). Attention rows also give TFLOP/s.
+The table records the device, driver, torch and CUDA versions and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="CUDA microbenchmarks of did_engine's kernels against SDPA, FlexAttention and torch.topk.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--only", choices=["decode", "remask", "causal"], action="append",
+                        help="run only these benchmarks (repeatable); default: all")
+    parser.add_argument("--iters", type=int, default=30, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
+    parser.add_argument("--warm-l2", action="store_true", help="do not flush the L2 cache before each timed call")
+    parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention baselines")
+    parser.add_argument("--out", default=None,
+                        help="markdown file to write (default: bench/results/cuda_<device>_<date>.md)")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+
+
+class Timer:
+    def __init__(self, torch, iters: int, warmup: int, flush_l2: bool):
+        self.torch = torch
+        self.iters = iters
+        self.warmup = warmup
+        # Larger than any L2 (H100: 50 MB): zeroing it evicts the previous call's data.
+        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+
+    def __call__(self, fn) -> float:
+        """Median seconds of one call of fn (GPU time between CUDA events)."""
+        torch = self.torch
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        events = []
+        for _ in range(self.iters):
+            if self.flush is not None:
+                self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events) * 1e-3
+
+
+def copy_bandwidth(torch, timer: Timer) -> float:
+    """Device copy bandwidth in bytes/s (read + write) of a 1 GiB tensor copy."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    seconds = Timer(torch, max(10, timer.iters), 3, flush_l2=False)(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * 2**30 / seconds
+
+
+def try_time(timer: Timer, fn):
+    """(seconds, None) or (None, reason) when the baseline cannot run this shape."""
+    try:
+        fn()  # also surfaces "no kernel for this shape" before timing
+        return timer(fn), None
+    except Exception as exc:  # noqa: BLE001 - baselines refuse shapes in many ways
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmarks: each returns rows {name, shape, impl, seconds, bytes, flops, note}
+
+
+def bench_decode(torch, timer: Timer, use_flex: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from did_engine import ops
+
+    flex = None
+    if use_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    H, D, dtype = 12, 64, torch.bfloat16
+    for B in (1, 8, 64):
+        for S in (1024, 4096):
+            for n in (4, 16):
+                cache_len = S - n
+                q = torch.randn(B, n, H, D, device="cuda", dtype=dtype)
+                k_cache = torch.randn(B, S, H, D, device="cuda", dtype=dtype)
+                v_cache = torch.randn(B, S, H, D, device="cuda", dtype=dtype)
+                k_block = torch.randn(B, n, H, D, device="cuda", dtype=dtype)
+                v_block = torch.randn(B, n, H, D, device="cuda", dtype=dtype)
+                lens = torch.full((B,), cache_len, dtype=torch.int32, device="cuda")
+                # Baseline layout: [B, H, L, D] contiguous with L = cache_len + n keys.
+                k_all = torch.cat([k_cache[:, :cache_len], k_block], dim=1).transpose(1, 2).contiguous()
+                v_all = torch.cat([v_cache[:, :cache_len], v_block], dim=1).transpose(1, 2).contiguous()
+                q_bhnd = q.transpose(1, 2).contiguous()
+                bytes_moved = 2 * B * S * H * D * 2 + 2 * B * n * H * D * 2  # K, V + q, out
+                flops = 4 * B * H * n * S * D
+                shape = f"B={B} S={S} n={n} H={H} D={D}"
+
+                ours = ops.block_decode_attention(q, k_cache, v_cache, k_block, v_block, lens)
+                reference = torch.nn.functional.scaled_dot_product_attention(
+                    q_bhnd.float(), k_all.float(), v_all.float()
+                ).transpose(1, 2)
+                note = f"max abs diff vs fp32 SDPA {(ours.float() - reference).abs().max().item():.2e}"
+                seconds = timer(lambda: ops.block_decode_attention(q, k_cache, v_cache, k_block, v_block, lens))
+                rows.append(dict(name="decode", shape=shape, impl="did_engine", seconds=seconds, bytes=bytes_moved,
+                                 flops=flops, note=note))
+                for label, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                                       ("SDPA efficient", SDPBackend.EFFICIENT_ATTENTION),
+                                       ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+                    def run(backend=backend):
+                        with sdpa_kernel([backend]):
+                            return torch.nn.functional.scaled_dot_product_attention(q_bhnd, k_all, v_all)
+
+                    seconds, why = try_time(timer, run)
+                    rows.append(dict(name="decode", shape=shape, impl=label, seconds=seconds, bytes=bytes_moved,
+                                     flops=flops, note=why or ""))
+                if flex is not None:
+                    seconds, why = try_time(timer, lambda: flex(q_bhnd, k_all, v_all))
+                    rows.append(dict(name="decode", shape=shape, impl="FlexAttention (compiled)", seconds=seconds,
+                                     bytes=bytes_moved, flops=flops, note=why or ""))
+                del q, k_cache, v_cache, k_block, v_block, k_all, v_all, q_bhnd
+                torch.cuda.empty_cache()
+    return rows
+
+
+def bench_remask(torch, timer: Timer):
+    from did_engine import ops
+
+    B, S, k, mask_id = 64, 1024, 256, 50257
+    tokens = torch.randint(0, mask_id, (B, S), device="cuda")
+    confidence = torch.rand(B, S, device="cuda")
+    eligible = torch.rand(B, S, device="cuda") < 0.9
+    eligible[:, :64] = False  # a prompt
+    counts = torch.full((B,), k, device="cuda")
+    shape = f"B={B} S={S} k={k}"
+    # Reads confidence + eligible, writes tokens/confidence at k positions and [B, k] indices.
+    bytes_moved = B * S * (4 + 1) + B * k * (8 + 4 + 8)
+
+    def ours():
+        return ops.snapshot_remask(tokens, confidence, counts, eligible, mask_id, float("inf"), max_k=k)
+
+    def topk_scatter():
+        candidates = confidence.masked_fill(~eligible, float("inf"))
+        idx = candidates.topk(k, dim=1, largest=False, sorted=False).indices
+        tokens.scatter_(1, idx, mask_id)
+        confidence.scatter_(1, idx, float("inf"))
+        return idx.sort(dim=1).values
+
+    rows = []
+    for impl, fn in (("did_engine", ours), ("torch.topk + scatter_ + sort", topk_scatter)):
+        seconds = timer(fn)
+        rows.append(dict(name="remask", shape=shape, impl=impl, seconds=seconds, bytes=bytes_moved, flops=None,
+                         note="one launch" if impl == "did_engine" else ""))
+    return rows
+
+
+def bench_causal(torch, timer: Timer, use_flex: bool):
+    from did_engine import ops
+    from did_engine.ops.reference import block_causal_mask
+
+    flex = create_block_mask = None
+    if use_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    B, H, D, dtype = 4, 12, 64, torch.bfloat16
+    for S in (1024, 4096):
+        for block_size in (4, 64, 256):
+            q = torch.randn(B, S, H, D, device="cuda", dtype=dtype)
+            k = torch.randn(B, S, H, D, device="cuda", dtype=dtype)
+            v = torch.randn(B, S, H, D, device="cuda", dtype=dtype)
+            qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            dense_mask = block_causal_mask(S, block_size, device="cuda")
+            allowed_pairs = int(dense_mask.sum())
+            bytes_moved = 4 * B * S * H * D * 2
+            flops = 4 * B * H * allowed_pairs * D
+            shape = f"B={B} S={S} bs={block_size} H={H} D={D}"
+
+            ours = ops.block_causal_attention(q, k, v, block_size)
+            reference = torch.nn.functional.scaled_dot_product_attention(
+                qt.float(), kt.float(), vt.float(), attn_mask=dense_mask
+            ).transpose(1, 2)
+            note = f"max abs diff vs fp32 SDPA {(ours.float() - reference).abs().max().item():.2e}"
+            del reference
+            seconds = timer(lambda: ops.block_causal_attention(q, k, v, block_size))
+            rows.append(dict(name="block-causal", shape=shape, impl="did_engine", seconds=seconds, bytes=bytes_moved,
+                             flops=flops, note=note))
+            seconds, why = try_time(
+                timer, lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=dense_mask)
+            )
+            rows.append(dict(name="block-causal", shape=shape, impl="SDPA dense mask", seconds=seconds,
+                             bytes=bytes_moved, flops=flops, note=why or ""))
+            if flex is not None:
+                def mask_mod(b, h, q_idx, kv_idx, block_size=block_size):
+                    return q_idx // block_size >= kv_idx // block_size
+
+                try:
+                    block_mask = create_block_mask(mask_mod, None, None, S, S, device="cuda")
+                    seconds, why = try_time(timer, lambda: flex(qt, kt, vt, block_mask=block_mask))
+                except Exception as exc:  # noqa: BLE001
+                    seconds, why = None, f"{type(exc).__name__}: {str(exc)[:80]}"
+                rows.append(dict(name="block-causal", shape=shape, impl="FlexAttention block mask (compiled)",
+                                 seconds=seconds, bytes=bytes_moved, flops=flops, note=why or ""))
+            del q, k, v, qt, kt, vt, dense_mask
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def format_table(rows, copy_bw: float) -> list[str]:
+    lines = ["| shape | implementation | time (us) | GB/s | % of copy BW | TFLOP/s | notes |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for row in rows:
+        if row["seconds"] is None:
+            lines.append(f"| {row['shape']} | {row['impl']} | n/a | | | | {row['note']} |")
+            continue
+        gbps = row["bytes"] / row["seconds"] / 1e9
+        tflops = f"{row['flops'] / row['seconds'] / 1e12:.1f}" if row["flops"] else ""
+        lines.append(
+            f"| {row['shape']} | {row['impl']} | {row['seconds'] * 1e6:.1f} | {gbps:.0f} | "
+            f"{100 * row['bytes'] / row['seconds'] / copy_bw:.0f}% | {tflops} | {row['note']} |"
+        )
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_cuda.py: no CUDA device is available (torch.cuda.is_available() is False); "
+                 "run it on a machine with an NVIDIA GPU and a CUDA build of torch.")
+    sys.path.insert(0, ROOT)
+    try:
+        import did_engine
+    except ImportError as exc:
+        sys.exit(f"bench_cuda.py: did_engine is not built here ({exc}); "
+                 "run `pip install --no-build-isolation -e .` on this machine first.")
+    missing = [op for op in ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", "CUDA")]
+    if missing:
+        sys.exit(f"bench_cuda.py: did_engine was built without CUDA kernels for {missing}; rebuild with "
+                 "`DID_ENGINE_CUDA=1 pip install --no-build-isolation -e .`.")
+
+    only = set(args.only or ["decode", "remask", "causal"])
+    timer = Timer(torch, args.iters, args.warmup, flush_l2=not args.warm_l2)
+    copy_bw = copy_bandwidth(torch, timer)
+    device = torch.cuda.get_device_name()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"{device}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
+
+    sections = []
+    if "decode" in only:
+        sections.append(("Decode attention (bf16, no mask, full caches)", bench_decode(torch, timer, not args.no_flex)))
+    if "remask" in only:
+        sections.append(("Snapshot remask", bench_remask(torch, timer)))
+    if "causal" in only:
+        sections.append(("Block-causal attention (bf16)", bench_causal(torch, timer, not args.no_flex)))
+
+    lines = [
+        "# did_engine CUDA kernel benchmarks",
+        "",
+        f"- device: {device} (driver {driver_version()})",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda}, did_engine {did_engine.__version__}",
+        f"- date: {now.strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- measured device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (1 GiB tensor copy, read + write)",
+        f"- median of {args.iters} timed calls after {args.warmup} warm-up calls; L2 "
+        f"{'warm' if args.warm_l2 else 'flushed before each call'}",
+        "- GB/s: logical minimum traffic (inputs read once, outputs written once) / time; the SDPA and Flex "
+        "baselines get their [cache; block] keys pre-concatenated (not timed)",
+        "",
+    ]
+    for title, rows in sections:
+        lines += [f"## {title}", ""] + format_table(rows, copy_bw) + [""]
+    text = "\n".join(lines)
+    print(text)
+
+    out = args.out
+    if out is None:
+        slug = "".join(c if c.isalnum() else "_" for c in device).strip("_").lower()
+        out = os.path.join(ROOT, "bench", "results", f"cuda_{slug}_{now.strftime('%Y%m%d_%H%M')}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
