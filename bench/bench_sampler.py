@@ -1,0 +1,222 @@
+"""End-to-end sampler throughput: draft (block 4, first-hitting) + one global refine stage.
+
+    python bench/bench_sampler.py                          # small preset, L=1024, batch 1/8/64 (~10 min)
+    python bench/bench_sampler.py --preset tiny --length 128 --mode full
+    python bench/bench_sampler.py --save                   # write bench/results/sampler_cpu_<date>.md
+
+Compared, with the same random weights and the same token-drawing code:
+  ours       DiDSampler: KV-cached draft (decode + commit per block) + remask + global refine
+  no cache   the same draft without a cache: every step runs the block-causal forward over
+             the whole prefix (batch 1 only: it is compute-bound, slower at every batch)
+  BD3-LM     BD3-LM's compute pattern (batch 1 only, all its sampler allows): every step
+             re-applies rotary to the whole window's cached q/k/v and runs full-window
+             attention, keeping the last block; one such call per token plus one per block
+             to store the clean block
+
+--mode estimate (default; a batch-64 run at L=1024 takes far too long on a CPU to run whole)
+times one draft block (its decode calls, its token draws and its commit) at five cache
+positions across the sequence and integrates over all blocks, and times the refine stage's
+remask plus one global forward, multiplied by the stage's step count. --mode full runs
+whole generations (ours) and checks the estimate on small settings.
+
+The weight-read floor of batch 1: each decode step reads every weight once, so a
+first-hitting draft cannot beat (read bandwidth / weight bytes) tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model_decode import BD3LMStyleCache, bd3lm_style_decode  # noqa: E402
+from bench_ops import machine_description, measure_bandwidth  # noqa: E402
+
+from did_engine.model import BlockDiffusionLM  # noqa: E402
+from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, _TokenDrawer  # noqa: E402
+
+
+def once(fn, reps: int = 2) -> float:
+    """Median seconds of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def integrate(costs: dict, n_blocks: int, bs: int) -> float:
+    """Sum of per-block costs measured at some cache positions, linearly interpolated."""
+    points = sorted(costs)
+    total = 0.0
+    for j in range(n_blocks):
+        p = j * bs
+        hi = next((q for q in points if q >= p), points[-1])
+        lo = max((q for q in points if q <= p), default=points[0])
+        w = 0.0 if hi == lo else (p - lo) / (hi - lo)
+        total += (1 - w) * costs[lo] + w * costs[hi]
+    return total
+
+
+class Bench:
+    def __init__(self, model, length, bs, ratio, steps, top_p=0.9):
+        self.model, self.L, self.bs, self.ratio, self.steps = model, length, bs, ratio, steps
+        self.mask_id = model.mask_id
+        self.positions = sorted({min(p, length - bs) // bs * bs for p in
+                                 (0, length // 4, length // 2, 3 * length // 4, length - bs)})
+        self.sampler = DiDSampler(model, SamplerConfig(length=length, block_size=bs, stages=[(None, ratio, steps)]))
+        self.top_p = top_p
+
+    def _draft_block(self, B, logits_fn, after=None):
+        """Time to fill one all-mask block with first-hitting draws (+ `after`, e.g. a commit)."""
+        gen = torch.Generator().manual_seed(0)
+        drawer = _TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
+
+        def run():
+            x = torch.full((B, self.bs), self.mask_id, dtype=torch.int64)
+            conf = torch.full((B, self.bs), float("inf"))
+            self.sampler._fill(x, conf, x == self.mask_id, logits_fn, drawer, {"n": 0}, "n", order="random",
+                               steps=None, gens=gen)
+            if after is not None:
+                after(x)
+        return run
+
+    def ours_draft(self, B) -> float:
+        costs = {}
+        for P in self.positions:
+            cache = self.model.new_kv_cache(B, max_len=max(self.L - self.bs, self.bs))
+
+            def commit(x, cache=cache, P=P):
+                self.model.commit(x, cache)
+                cache._layer_lengths.fill_(P)  # back to P for the next repetition
+            cache._layer_lengths.fill_(P)  # K/V contents do not change the cost
+            costs[P] = once(self._draft_block(B, lambda xb, c=cache: self.model.decode(xb, c), commit))
+        return integrate(costs, -(-self.L // self.bs), self.bs)
+
+    def uncached_draft(self) -> float:
+        costs = {}
+        for P in self.positions:
+            prefix = torch.randint(0, self.mask_id, (1, P))
+
+            def decode(xb, prefix=prefix):
+                return self.model(torch.cat([prefix, xb], 1), block_size=self.bs)[:, -self.bs:]
+            costs[P] = once(self._draft_block(1, decode), reps=1)
+        return integrate(costs, -(-self.L // self.bs), self.bs)
+
+    def bd3lm_draft(self) -> float:
+        costs = {}
+        for P in self.positions:
+            window = BD3LMStyleCache(self.model, torch.randint(0, self.mask_id, (1, P))) if P else None
+
+            def decode(xb, window=window):
+                if window is None:  # an empty window: a plain forward on the block
+                    return self.model(xb)
+                return bd3lm_style_decode(self.model, xb, window)
+            # BD3-LM stores a finished block with one more full-window call.
+            costs[P] = once(self._draft_block(1, decode, after=decode), reps=1)
+        return integrate(costs, -(-self.L // self.bs), self.bs)
+
+    def refine(self, B, full_steps: bool) -> float:
+        """The global refine stage: remask (op) + `steps` global forwards with their draws."""
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, self.mask_id, (B, self.L))
+        conf = torch.rand(B, self.L)
+        stage = RefineStage(None, self.ratio, self.steps if full_steps else 1)
+        drawer = _TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
+        lengths = torch.full((B,), self.L)
+
+        def run():
+            t, c = tokens.clone(), conf.clone()
+            self.sampler._remask(t, c, 0, lengths, stage, gen, {})
+            self.sampler._refine(t, c, 0, stage, drawer, gen, {"forward": 0}, False)
+        seconds = once(run, reps=1)
+        return seconds if full_steps else seconds * self.steps
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", help="model preset (random weights)")
+    parser.add_argument("--length", type=int, default=1024, help="tokens per sample")
+    parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
+    parser.add_argument("--block-size", type=int, default=4, help="draft block size")
+    parser.add_argument("--ratio", type=float, default=0.25, help="remask ratio of the global refine stage")
+    parser.add_argument("--steps", type=int, default=8, help="model calls of the global refine stage")
+    parser.add_argument("--mode", choices=["estimate", "full"], default="estimate",
+                        help="estimate: time blocks at 5 cache positions and integrate; full: whole generations")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the batch-1 baselines")
+    parser.add_argument("--save", action="store_true", help="write bench/results/sampler_cpu_<date>.md")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = BlockDiffusionLM.from_preset(args.preset, model_length=args.length, block_size=args.block_size,
+                                         dropout=0.0).eval()
+    read_gbps, _ = measure_bandwidth()
+    floor_tps = read_gbps * 1e9 / weight_bytes(model)
+    print(f"{args.preset}: {model.num_parameters() / 1e6:.1f}M parameters ({weight_bytes(model) / 1e6:.0f} MB fp32), "
+          f"read bandwidth {read_gbps:.1f} GB/s -> batch-1 weight-read floor {floor_tps:.2f} tokens/s")
+    bench = Bench(model, args.length, args.block_size, args.ratio, args.steps)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    rows = []
+    baseline = {}
+    with torch.inference_mode():
+        if not args.no_baselines:
+            baseline["no cache"] = args.length / bench.uncached_draft()
+            print(f"no-cache draft, batch 1: {baseline['no cache']:.2f} tokens/s", flush=True)
+            baseline["BD3-LM"] = args.length / bench.bd3lm_draft()
+            print(f"BD3-LM pattern, batch 1: {baseline['BD3-LM']:.2f} tokens/s", flush=True)
+        for B in batches:
+            if args.mode == "full":
+                sampler = DiDSampler(model, SamplerConfig(length=args.length, block_size=args.block_size,
+                                                          stages=[(None, args.ratio, args.steps)]))
+                result = sampler.generate(B, generator=torch.Generator().manual_seed(0))
+                draft_s, refine_s = result.seconds["draft"], result.seconds["refine_1"]
+            else:
+                draft_s = bench.ours_draft(B)
+                refine_s = bench.refine(B, full_steps=B * args.length <= 8192)
+            tps = B * args.length / (draft_s + refine_s)
+            rows.append((B, draft_s, refine_s, tps))
+            print(f"batch {B}: draft {draft_s:.1f} s, refine {refine_s:.1f} s, {tps:.1f} tokens/s", flush=True)
+
+    bd3 = baseline.get("BD3-LM")
+    lines = ["| batch | draft s | refine s | refine / draft | ours tokens/s | vs no cache (b=1) | vs BD3-LM (b=1) "
+             "| draft-only tokens/s vs floor |", "|---|---|---|---|---|---|---|---|"]
+    for B, d, r, tps in rows:
+        draft_tps = B * args.length / d
+        lines.append(f"| {B} | {d:.1f} | {r:.1f} | {r / d:.2f} | {tps:.2f} | "
+                     + (f"{tps / baseline['no cache']:.1f}x" if baseline else "-") + " | "
+                     + (f"{tps / bd3:.1f}x" if bd3 else "-") + " | "
+                     + (f"{draft_tps:.2f} = {floor_tps / draft_tps:.2f}x below floor" if B == 1 else "-") + " |")
+    table = "\n".join(lines)
+    print()
+    if baseline:
+        print(f"batch-1 baselines (draft only, tokens/s): " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items()))
+    print(table)
+    if args.save:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            f"sampler_cpu_{datetime.date.today().isoformat()}.md")
+        with open(path, "w") as f:
+            f.write(f"# Sampler throughput, {args.preset} preset (random weights), L={args.length}, draft block "
+                    f"{args.block_size} first-hitting + global refine ratio {args.ratio}, {args.steps} steps, "
+                    f"mode {args.mode}\n\n" + machine_description()
+                    + f"- command: `python bench/bench_sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+                    + f"- weight-read floor at batch 1: {floor_tps:.2f} tokens/s (read {read_gbps:.1f} GB/s)\n"
+                    + "- batch-1 baselines (draft only, tokens/s): "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items()) + "\n\n" + table + "\n")
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
