@@ -383,12 +383,29 @@ inline void tile_pv(const float* p, int64_t p_row, int64_t p_key, int64_t rows, 
 // ---------------------------------------------------------------------------------------
 // Scratch memory.
 
-// One 64-byte aligned float allocation carved into regions.
+// A float buffer owned by the calling thread and reused by later calls (slot: which of
+// the thread's buffers). Fresh allocations of this size would be mmap'ed and page-faulted
+// on every call, which costs tens of microseconds on small problems. At most one user of
+// a slot per thread at a time.
+template <int kSlot>
+inline float* thread_buffer(int64_t floats) {
+  thread_local std::unique_ptr<float[]> storage;
+  thread_local int64_t capacity = 0;
+  if (capacity < floats) {
+    storage.reset();  // release before allocating the larger one
+    storage.reset(new float[floats]);
+    capacity = floats;
+  }
+  return storage.get();
+}
+
+// A 64-byte aligned float region of the thread's workspace buffer, carved into regions.
 class Scratch {
  public:
-  explicit Scratch(int64_t floats) : storage_(new float[floats + kAlignFloats]) {
-    const auto addr = reinterpret_cast<std::uintptr_t>(storage_.get());
-    next_ = storage_.get() + (round_up(static_cast<int64_t>(addr), 64) - static_cast<int64_t>(addr)) / 4;
+  explicit Scratch(int64_t floats) {
+    float* base = thread_buffer<0>(floats + kAlignFloats);
+    const auto addr = reinterpret_cast<std::uintptr_t>(base);
+    next_ = base + (round_up(static_cast<int64_t>(addr), 64) - static_cast<int64_t>(addr)) / 4;
   }
   // Regions are rounded to 64 bytes so that each starts aligned.
   static int64_t region(int64_t floats) { return round_up(floats, kAlignFloats); }
@@ -400,7 +417,6 @@ class Scratch {
 
  private:
   static constexpr int64_t kAlignFloats = 16;
-  std::unique_ptr<float[]> storage_;
   float* next_;
 };
 
@@ -461,9 +477,11 @@ class HeadsWorkspace {
   // the row-major kernels convert bf16/fp16 in registers, the transposed ones broadcast
   // single float32 elements; padding always needs staging.
   template <typename T>
-  bool reads_in_place(int64_t d) const {
+  bool reads_keys_in_place(int64_t d) const {
     return d == dp_ && (std::is_same_v<T, float> || !transposed_);
   }
+  // Same for values: P.V converts in registers in both layouts.
+  bool reads_values_in_place(int64_t d) const { return d == dp_; }
 
   // One tile: keys k [keys, ldk] against head g's rows, masked by key_end (may be null)
   // for keys [t0, t0 + keys). Leaves the probabilities in the head's score tile and
@@ -570,7 +588,8 @@ void attend_heads(HeadsWorkspace& ws, const HeadKeys<T>& keys, int64_t begin, in
                   const int64_t* key_end) {
   const int64_t dp = ws.dp(), heads = ws.heads();
   if (ws.rows() == 0) return;
-  const bool in_place = ws.reads_in_place<T>(d);
+  const bool k_in_place = ws.reads_keys_in_place<T>(d);
+  const bool v_in_place = ws.reads_values_in_place(d);
   // Prefetch when every head of a key sits inside its key row (a tile is then one run).
   constexpr int64_t kMaxPrefetchRowBytes = 1 << 16;
   auto interleaved = [&](int64_t key_stride, int64_t head_stride) {
@@ -580,28 +599,32 @@ void attend_heads(HeadsWorkspace& ws, const HeadKeys<T>& keys, int64_t begin, in
   const bool prefetch_k = interleaved(keys.k_key_stride, keys.k_head_stride);
   const bool prefetch_v = interleaved(keys.v_key_stride, keys.v_head_stride);
 
-  for (int64_t t0 = begin; t0 < end; t0 += kKeyTile) {
-    const int64_t n_keys = std::min(kKeyTile, end - t0);
-    const int64_t n_next = std::min(kKeyTile, end - t0 - n_keys);
+  // Tiles of equal size (a multiple of 4 keys, at most kKeyTile): no short last tile that
+  // would pay a whole tile's fixed costs for a few keys.
+  const int64_t n_tiles = ceil_div(end - begin, kKeyTile);
+  const int64_t tile = n_tiles > 0 ? std::min(kKeyTile, round_up(ceil_div(end - begin, n_tiles), 4)) : kKeyTile;
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int64_t n_keys = std::min(tile, end - t0);
+    const int64_t n_next = std::min(tile, end - t0 - n_keys);
     const T* k_rows = keys.k + t0 * keys.k_key_stride;
     const T* v_rows = keys.v + t0 * keys.v_key_stride;
     const int64_t k_next_bytes = prefetch_k ? n_next * keys.k_key_stride * static_cast<int64_t>(sizeof(T)) : 0;
     const int64_t v_next_bytes = prefetch_v ? n_next * keys.v_key_stride * static_cast<int64_t>(sizeof(T)) : 0;
 
-    if (!in_place) stage_tile(k_rows, keys.k_key_stride, keys.k_head_stride, n_keys, d, ws);
+    if (!k_in_place) stage_tile(k_rows, keys.k_key_stride, keys.k_head_stride, n_keys, d, ws);
     for (int64_t g = 0; g < heads; ++g) {
       if (k_next_bytes > 0) prefetch_part(k_rows + n_keys * keys.k_key_stride, k_next_bytes, g, heads);
-      if (in_place) {
+      if (k_in_place) {
         ws.scores_and_softmax(g, k_rows + g * keys.k_head_stride, keys.k_key_stride, t0, n_keys, key_end);
       } else {
         ws.scores_and_softmax(g, ws.kv_tile(g), dp, t0, n_keys, key_end);
       }
     }
 
-    if (!in_place) stage_tile(v_rows, keys.v_key_stride, keys.v_head_stride, n_keys, d, ws);
+    if (!v_in_place) stage_tile(v_rows, keys.v_key_stride, keys.v_head_stride, n_keys, d, ws);
     for (int64_t g = 0; g < heads; ++g) {
       if (v_next_bytes > 0) prefetch_part(v_rows + n_keys * keys.v_key_stride, v_next_bytes, g, heads);
-      if (in_place) {
+      if (v_in_place) {
         ws.accumulate_pv(g, v_rows + g * keys.v_head_stride, keys.v_key_stride, n_keys);
       } else {
         ws.accumulate_pv(g, ws.kv_tile(g), dp, n_keys);

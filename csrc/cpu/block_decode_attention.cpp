@@ -22,8 +22,9 @@ namespace {
 
 using namespace cpu_attention;
 
-// A split gets at least this many keys, so that merging stays cheap next to the work.
-constexpr int64_t kMinKeysPerSplit = 256;
+// A split gets at least this many keys (4 tiles), so that merging stays cheap next to the
+// work.
+constexpr int64_t kMinKeysPerSplit = 128;
 // Work items wanted per thread before splitting the key sequence.
 constexpr int64_t kItemsPerThread = 4;
 
@@ -40,24 +41,30 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const T* q_ptr = q.const_data_ptr<T>();
   T* out_ptr = out.data_ptr<T>();
 
-  // Splits per batch row: enough items for every thread, never parts shorter than
-  // kMinKeysPerSplit keys.
+  // Splits per batch row: enough items for every thread, parts of at least
+  // kMinKeysPerSplit keys, and (with few items) a multiple of the thread count, so that
+  // the last round of items does not leave threads idle.
   const int64_t threads = at::get_num_threads();
   const int64_t max_keys = *std::max_element(lens.begin(), lens.end()) + n;
   int64_t splits = 1;
   if (B < kItemsPerThread * threads) {
-    splits = std::min(ceil_div(kItemsPerThread * threads, B), ceil_div(max_keys, kMinKeysPerSplit));
-    splits = std::max<int64_t>(splits, 1);
+    splits = std::max<int64_t>(1, std::min(ceil_div(kItemsPerThread * threads, B), max_keys / kMinKeysPerSplit));
+    while ((B * splits) % threads != 0 && splits < ceil_div(max_keys, kKeyTile)) ++splits;
   }
+
   const int64_t items = B * splits;  // item = b * splits + s: keys [lo, hi) of row b, all heads
 
   // Partial states of every split: [items, H_kv, rows, dp] accumulators, [items, H_kv,
   // rows] max and sum.
-  std::vector<float> part_acc, part_max, part_sum;
+  // (Slot 1 of the calling thread's buffers; the workers' workspaces use slot 0.)
+  float* part_acc = nullptr;
+  float* part_max = nullptr;
+  float* part_sum = nullptr;
   if (splits > 1) {
-    part_acc.resize(items * H_kv * rows * dp);
-    part_max.resize(items * H_kv * rows);
-    part_sum.resize(items * H_kv * rows);
+    const int64_t part_rows = items * H_kv * rows;
+    part_acc = thread_buffer<1>(part_rows * (dp + 2));
+    part_max = part_acc + part_rows * dp;
+    part_sum = part_max + part_rows;
   }
 
   auto out_row = [&](int64_t b, int64_t g, int64_t r) {
@@ -97,9 +104,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
             for (int64_t r = 0; r < rows; ++r) float_row_to<T>(acc + r * dp, 1.f / ws.row_sum(g)[r], D, out_row(b, g, r));
           } else {
             const int64_t part = (item * H_kv + g) * rows;
-            std::copy(acc, acc + rows * dp, part_acc.data() + part * dp);
-            std::copy(ws.row_max(g), ws.row_max(g) + rows, part_max.data() + part);
-            std::copy(ws.row_sum(g), ws.row_sum(g) + rows, part_sum.data() + part);
+            std::copy(acc, acc + rows * dp, part_acc + part * dp);
+            std::copy(ws.row_max(g), ws.row_max(g) + rows, part_max + part);
+            std::copy(ws.row_sum(g), ws.row_sum(g) + rows, part_sum + part);
           }
         }
       });
@@ -107,7 +114,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   if (splits == 1) return;
   // Merge the splits of each query row: rescale every part to the common max, then sum.
   const int64_t rows_per_b = H_kv * rows;
-  at::parallel_for(0, B * rows_per_b, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kMergeGrain = 64;  // rows; small merges stay on the calling thread
+  at::parallel_for(0, B * rows_per_b, kMergeGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> merged(dp);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / rows_per_b, g = row % rows_per_b / rows, r = row % rows;
@@ -121,7 +129,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
         if (part_sum[part] == 0.f) continue;  // an empty split
         const float weight = std::exp(part_max[part] - max_all);
         sum_all += part_sum[part] * weight;
-        const float* acc = part_acc.data() + part * dp;
+        const float* acc = part_acc + part * dp;
         const Vec weight_vec(weight);
         for (int64_t c = 0; c < dp; c += kLanes)
           at::vec::fmadd(Vec::loadu(acc + c), weight_vec, Vec::loadu(merged.data() + c)).store(merged.data() + c);
