@@ -1,14 +1,13 @@
 // block_causal_attention on CPU.
 //
 // Query position p (in block j = p / block_size) sees keys [0, key_end(p)) with
-// key_end(p) = min((j + 1) * block_size, S). A work item is a chunk of consecutive query
-// positions of one (batch row b, kv head g), with all of their H / H_kv query heads:
-//   1. every row of the chunk attends to the keys [0, key_end(first position)) that all
-//      of them see, in one stream (that is most of the work, at full row count);
-//   2. the rows of each later query block in the chunk attend to the remaining keys of
-//      their own block range.
-// Masked keys are never touched, so the cost is about half that of dense attention at
-// long sequences, and no mask is ever built or applied.
+// key_end(p) = min((j + 1) * block_size, S). A work item is a chunk of ~32 consecutive
+// query rows (positions x the query heads of a kv head) of one batch row, for all kv
+// heads. It streams the keys [0, key_end(last position)) once: the keys every row of the
+// chunk sees (all but the last tile or so) with no mask at all, the few keys past them
+// with a per-row limit applied to the score tile. Keys no row of the chunk sees are never
+// read, so the work is about half that of dense attention at long sequences, and no
+// [S, S] mask is ever built.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -58,51 +57,48 @@ void causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t dp = round_up(D, kLanes);
   const int64_t positions = std::max<int64_t>(1, kTargetRows / group);
   const auto chunks = query_chunks(S, block_size, positions);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   int64_t max_rows = 0;
   for (const auto& [begin, end] : chunks) max_rows = std::max(max_rows, (end - begin) * group);
 
   const T* q_ptr = q.const_data_ptr<T>();
-  const T* k_ptr = k.const_data_ptr<T>();
-  const T* v_ptr = v.const_data_ptr<T>();
   T* out_ptr = out.data_ptr<T>();
   auto key_end = [&](int64_t p) { return std::min((p / block_size + 1) * block_size, S); };
 
-  // item = (b * H_kv + g) * chunks + c: the threads, dealt neighbouring items, work on
-  // the chunks of one (b, g) at a time, so its keys stay in cache across the chunks.
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  const int64_t items = n_chunks * B * H_kv;
+  struct Workspace {
+    HeadsWorkspace heads;
+    std::vector<int64_t> row_key_end;  // [rows]: row r sees keys < row_key_end[r]
+  };
+  // item = b * n_chunks + (n_chunks - 1 - c): one batch row at a time (its keys stay in
+  // cache across its chunks), latest (costliest) chunks first.
   run_items(
-      items, [&] { return RowWorkspace(max_rows, dp); },
-      [&](int64_t item, RowWorkspace& ws) {
-        const int64_t c = item % n_chunks, g = item / n_chunks % H_kv, b = item / n_chunks / H_kv;
+      B * n_chunks, [&] { return Workspace{HeadsWorkspace(H_kv, max_rows, dp), std::vector<int64_t>(max_rows)}; },
+      [&](int64_t item, Workspace& ws) {
+        const int64_t b = item / n_chunks, c = n_chunks - 1 - item % n_chunks;
         const auto [p_begin, p_end] = chunks[c];
-        const int64_t rows = (p_end - p_begin) * group;  // row r = (p - p_begin) * group + hh
+        const int64_t rows = (p_end - p_begin) * group;  // per kv head: row r = (p - p_begin) * group + hh
 
-        float* q_rows = ws.q_rows();
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t p = p_begin + r / group, h = g * group + r % group;
-          row_to_float(q_ptr + b * q.stride(0) + p * q.stride(1) + h * q.stride(2), D, dp, scale, q_rows + r * dp);
+        ws.heads.begin(rows);
+        for (int64_t g = 0; g < H_kv; ++g) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t p = p_begin + r / group, h = g * group + r % group;
+            ws.heads.set_query(g, r, q_ptr + b * q.stride(0) + p * q.stride(1) + h * q.stride(2), D, scale);
+          }
         }
-        const QueryRows state = ws.rows.slice(0, rows, dp);
-        state.reset(dp);
+        for (int64_t r = 0; r < rows; ++r) ws.row_key_end[r] = key_end(p_begin + r / group);
 
-        const KeyRange<T> keys{k_ptr + b * k.stride(0) + g * k.stride(2), v_ptr + b * v.stride(0) + g * v.stride(2),
-                               k.stride(1), v.stride(1), S};
-        // 1. Keys every row of the chunk sees.
-        const int64_t shared_end = key_end(p_begin);
-        attend(state, keys.sub(0, shared_end), D, dp, ws.tiles);
-        // 2. Each later query block in the chunk: the rest of its visible keys.
-        for (int64_t p = shared_end; p < p_end;) {
-          const int64_t block_end = key_end(p);
-          const int64_t rows_end = std::min(block_end, p_end);
-          attend(state.slice((p - p_begin) * group, (rows_end - p_begin) * group, dp), keys.sub(shared_end, block_end),
-                 D, dp, ws.tiles);
-          p = rows_end;
-        }
+        // Keys [0, key_end(first position)) are seen by every row; the tiles past it are
+        // masked per row, and keys no row sees are never read.
+        const HeadKeys<T> keys{k.const_data_ptr<T>() + b * k.stride(0), v.const_data_ptr<T>() + b * v.stride(0),
+                               k.stride(1), k.stride(2), v.stride(1), v.stride(2)};
+        attend_heads(ws.heads, keys, 0, key_end(p_end - 1), D, ws.row_key_end.data());
 
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t p = p_begin + r / group, h = g * group + r % group;
-          float_row_to<T>(state.acc + r * dp, 1.f / state.row_sum[r], D, out_ptr + ((b * S + p) * H + h) * D);
+        for (int64_t g = 0; g < H_kv; ++g) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t p = p_begin + r / group, h = g * group + r % group;
+            float_row_to<T>(ws.heads.acc(g) + r * dp, 1.f / ws.heads.row_sum(g)[r], D,
+                            out_ptr + ((b * S + p) * H + h) * D);
+          }
         }
       });
 }
