@@ -77,6 +77,7 @@ def test_block_one_is_causal_and_block_s_is_full():
     torch.testing.assert_close(ops.block_causal_attention(q, k, v, 1), sdpa(True), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ops.block_causal_attention(q, k, v, 40), sdpa(False), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ops.block_causal_attention(q, k, v, 1000), sdpa(False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.block_causal_attention(q, k, v, 2**62), sdpa(False), atol=1e-5, rtol=1e-5)
 
 
 def test_empty_inputs():

@@ -47,6 +47,7 @@ SHAPES = [
     (2, 1, 12, 4, 20, 97, [50, 97]),
     (1, 4, 2, 1, 64, 1025, [1025]),  # one kv head: split-KV
     (2, 3, 4, 1, 24, 1025, [0, 1025]),  # split-KV with empty splits in row 0
+    (1, 5, 6, 2, 20, 97, [40]),  # 15 rows per kv head (transposed tiles), padded head dim
 ]
 
 

@@ -19,6 +19,11 @@
 //     times a vector of rows) with no horizontal reductions, and the softmax runs down
 //     vectors of rows. This is ~1.4x faster per FLOP than the dot form.
 // P.V is the same in both: broadcast a probability, FMA a row of V into the accumulator.
+//
+// bf16/fp16 keys and values are widened to float32 in registers as the row-major score
+// kernel and P.V load them; only what the transposed score kernel broadcasts (keys of
+// many-row items) and rows that need padding are first staged as a float32 tile.
+// Scores, softmax and accumulation are float32 throughout.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -67,20 +72,12 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
 
 inline Vec load_float(const float* p) { return Vec::loadu(p); }
 
+// kLanes bf16/fp16 values -> float32 (one 128-bit load and a widening on AVX2).
 template <typename T>
 inline Vec load_float(const T* p) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
-  } else {
-    return Vec(_mm256_cvtph_ps(raw));
-  }
-#else
   Vec v;
   at::vec::load_to_float<T>(p, v);
   return v;
-#endif
 }
 
 // dst[0:dp] = float(src[0:d]), zero padded past d.

@@ -116,6 +116,9 @@ at::Tensor block_causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   const at::Tensor q = last_dim_contiguous(q_in);
   const at::Tensor k = last_dim_contiguous(k_in);
   const at::Tensor v = last_dim_contiguous(v_in);
+  // A block of S or more is one block (full attention); clamping keeps the position
+  // arithmetic far from overflow for huge block sizes.
+  block_size = std::min(block_size, q.size(1));
   const float scale_f = static_cast<float>(softmax_scale);
   switch (q.scalar_type()) {
     case at::kFloat:
