@@ -99,8 +99,15 @@ def _flex_attention(q, k, v, block_size):
     except ImportError:
         return None
     S = q.shape[2]
-    key = (S, block_size)
+    key = (S, block_size, q.shape[0], q.dtype)
     if key not in _flex_cache:
+        # One compiled graph per shape; the default recompile limit (8) would silently fall
+        # back to the unfused implementation part-way through the grid.
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
         def mask_mod(b, h, q_idx, kv_idx):
             return kv_idx // block_size <= q_idx // block_size
         block_mask = create_block_mask(mask_mod, None, None, S, S, device="cpu")
