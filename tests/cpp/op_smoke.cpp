@@ -86,7 +86,7 @@ void smoke_block_causal_attention() {
                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                     std::optional<double>)>();
   auto out = call.call(q, k, v, block, std::nullopt);
-  auto blocks = at::arange(S) / block;  // integer division on int64
+  auto blocks = at::div(at::arange(S), block, "floor");  // block index of each position (int64)
   auto mask = blocks.unsqueeze(0) <= blocks.unsqueeze(1);
   for (int64_t b = 0; b < B; ++b) {
     auto ref = attention64(q[b], k[b], v[b], 1.0 / std::sqrt(static_cast<double>(D)), mask);
