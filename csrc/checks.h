@@ -58,6 +58,12 @@ inline void check_last_dim_contiguous(const at::Tensor& t, const char* op, const
             " must be contiguous in its last dimension (it is written in place, so it cannot be copied)");
 }
 
+// The tensor itself when its last dimension has unit stride, else a contiguous copy: the
+// attention kernels address rows of head_dim elements with unit stride; other strides are free.
+inline at::Tensor with_unit_last_stride(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
 inline double resolve_scale(std::optional<double> scale, int64_t head_dim, const char* op) {
   if (!scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
   DID_CHECK(std::isfinite(*scale), op, "scale must be finite, got ", *scale);

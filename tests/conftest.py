@@ -35,3 +35,17 @@ def check_lowp_error():
             )
 
     return check
+
+
+def bad_args_builder(valid_args):
+    """bad(name=fn, ...) -> a builder of valid_args() with args[name] replaced by fn(args)."""
+
+    def bad(**changes):
+        def build():
+            args = valid_args()
+            for name, fn in changes.items():
+                args[name] = fn(args)
+            return args
+        return build
+
+    return bad

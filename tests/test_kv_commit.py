@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import bad_args_builder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -177,13 +178,7 @@ def valid_args():
                     make_case(3, 12, 2, 4, 3, torch.float32, seed=18, lens=[0, 4, 9])))
 
 
-def bad(**changes):
-    def build():
-        args = valid_args()
-        for name, fn in changes.items():
-            args[name] = fn(args)
-        return args
-    return build
+bad = bad_args_builder(valid_args)
 
 
 BAD_INPUTS = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import bad_args_builder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -324,13 +325,7 @@ def valid_args():
                 mask_id=MASK_ID, reset_value=float("inf"), max_k=4)
 
 
-def bad(**changes):
-    def build():
-        args = valid_args()
-        for name, fn in changes.items():
-            args[name] = fn(args)
-        return args
-    return build
+bad = bad_args_builder(valid_args)
 
 
 BAD_INPUTS = {

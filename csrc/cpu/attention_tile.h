@@ -63,9 +63,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // The kernels index rows with strides but read each row as a contiguous run.
-inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.size(-1) == 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
 
 // ---------------------------------------------------------------------------------------
 // Loads, conversions, reductions.

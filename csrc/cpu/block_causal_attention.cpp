@@ -113,9 +113,9 @@ at::Tensor block_causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   at::Tensor out = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
-  const at::Tensor q = last_dim_contiguous(q_in);
-  const at::Tensor k = last_dim_contiguous(k_in);
-  const at::Tensor v = last_dim_contiguous(v_in);
+  const at::Tensor q = with_unit_last_stride(q_in);
+  const at::Tensor k = with_unit_last_stride(k_in);
+  const at::Tensor v = with_unit_last_stride(v_in);
   // A block of S or more is one block (full attention); clamping keeps the position
   // arithmetic far from overflow for huge block sizes.
   block_size = std::min(block_size, q.size(1));

@@ -160,11 +160,11 @@ at::Tensor block_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   at::Tensor out = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
-  const at::Tensor q = last_dim_contiguous(q_in);
-  const at::Tensor k_cache = last_dim_contiguous(k_cache_in);
-  const at::Tensor v_cache = last_dim_contiguous(v_cache_in);
-  const at::Tensor k_block = last_dim_contiguous(k_block_in);
-  const at::Tensor v_block = last_dim_contiguous(v_block_in);
+  const at::Tensor q = with_unit_last_stride(q_in);
+  const at::Tensor k_cache = with_unit_last_stride(k_cache_in);
+  const at::Tensor v_cache = with_unit_last_stride(v_cache_in);
+  const at::Tensor k_block = with_unit_last_stride(k_block_in);
+  const at::Tensor v_block = with_unit_last_stride(v_block_in);
   const float scale_f = static_cast<float>(softmax_scale);
   switch (q.scalar_type()) {
     case at::kFloat:

@@ -66,12 +66,6 @@ void check_on_cuda(const at::Tensor& t, const char* op, const char* name) {
   DID_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
 }
 
-// The tensor itself when its last dimension has unit stride, else a contiguous copy: the
-// kernels address rows of head_dim elements with unit stride; other strides are free.
-at::Tensor with_unit_last_stride(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
 // Strides of dims 0..2 of a 4-D tensor, in elements.
 void outer_strides(const at::Tensor& t, int64_t (&strides)[3]) {
   for (int i = 0; i < 3; ++i) strides[i] = t.stride(i);
