@@ -189,21 +189,62 @@ def _row_generators(generator, batch_size: int):
     return gens
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most probable tokens whose mass reaches top_p; renormalise."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+def _keep_prefix(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Descending probabilities [M, k] -> the same with every token after the nucleus zeroed."""
     drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # the mass before a token already suffices
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return kept / kept.sum(-1, keepdim=True)
+    return sorted_p.masked_fill(drop, 0.0)
 
 
-def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One sample per row of probs [m, V] (float64) by an exponential race: argmax p / E."""
-    u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)
-    return (probs / -torch.log(u.clamp_min(1e-300))).argmax(-1)
+def _nucleus_groups(probs: torch.Tensor, top_p: float, first_k: int = 1024):
+    """The nucleus of each row of probs [M, V]: the smallest set of most probable tokens
+    whose mass reaches top_p, as groups of rows ``(rows [M] bool, p [m, C], ids [m, C])``:
+    candidate probabilities (zero outside the nucleus, not renormalised) and their token
+    ids in ascending order (None: the column is the token id).
+
+    A trained model's nucleus is usually small, so each row first tries its top ``first_k``
+    tokens (a partial selection, much cheaper than sorting the vocabulary, and the draw
+    then touches only those); rows whose top ``first_k`` mass falls short of top_p (flat
+    distributions) take the full sort. The kept set is the same either way, and the choice
+    depends on the row alone, so a row's draw does not depend on the other rows.
+    """
+    if top_p >= 1.0:
+        return [(torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device), probs, None)]
+    head_p, head_ids = probs.topk(min(first_k, probs.shape[-1]), dim=-1)  # [M, k], descending
+    short = head_p.sum(-1) < top_p  # [M]: the nucleus reaches past the first k tokens
+    groups = []
+    # Candidates go back to token-id order: the draw must not depend on how topk/sort order
+    # tied probabilities, which can change with the number of rows.
+    if not short.all():
+        ids, order = head_ids[~short].sort(dim=-1)
+        groups.append((~short, _keep_prefix(head_p[~short], top_p).gather(-1, order), ids))
+    if short.any():
+        all_p, all_ids = probs[short].sort(dim=-1, descending=True)
+        groups.append((short, torch.zeros_like(all_p).scatter_(-1, all_ids, _keep_prefix(all_p, top_p)), None))
+    return groups
+
+
+def _draw(weights: torch.Tensor, generator) -> torch.Tensor:
+    """One sample per row of weights [m, C] (float64, need not sum to 1) by an exponential
+    race, argmax w / E with E ~ Exp(1): BD3-LM's float64 Gumbel-max draw."""
+    u = torch.rand(weights.shape, dtype=torch.float64, device=weights.device, generator=generator)
+    return (weights / -torch.log(u.clamp_min(1e-300))).argmax(-1)
+
+
+def _sample_tokens(probs: torch.Tensor, top_p: float, rows: torch.Tensor, generators) -> torch.Tensor:
+    """Nucleus sampling of one token per row of probs [M, V]; rows [M] = the batch row of each
+    (a list of per-row generators draws each batch row's positions with its own generator)."""
+    tokens = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    for sel, p, ids in _nucleus_groups(probs, top_p):
+        if isinstance(generators, list):
+            choice = torch.empty(p.shape[0], dtype=torch.int64, device=p.device)
+            group_rows = rows[sel]
+            for b in group_rows.unique().tolist():
+                mine = group_rows == b
+                choice[mine] = _draw(p[mine], generators[b])
+        else:
+            choice = _draw(p, generators)
+        tokens[sel] = choice if ids is None else ids.gather(-1, choice[:, None])[:, 0]
+    return tokens
 
 
 class _TokenDrawer:
@@ -221,14 +262,8 @@ class _TokenDrawer:
         if self.temperature == 0:
             tokens = lg.argmax(-1)
         else:
-            probs = _nucleus(torch.softmax(lg.double() / self.temperature, dim=-1), self.top_p)
-            if isinstance(self.generators, list):
-                tokens = torch.empty(len(rows), dtype=torch.int64, device=lg.device)
-                for b in rows.unique().tolist():
-                    sel = rows == b
-                    tokens[sel] = _draw(probs[sel], self.generators[b])
-            else:
-                tokens = _draw(probs, self.generators)
+            probs = torch.softmax(lg.double() / self.temperature, dim=-1)
+            tokens = _sample_tokens(probs, self.top_p, rows, self.generators)
         confidence = model_probs.gather(-1, tokens[:, None])[:, 0]
         return tokens, confidence
 

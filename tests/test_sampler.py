@@ -278,3 +278,43 @@ def test_bd3lm_preset_config_and_bad_arguments():
         generate(model, 2, generator=[torch.Generator()])
     sampler = DiDSampler(model, SamplerConfig(length=16))
     assert sampler.generate(2).tokens.shape == (2, 16)
+
+
+def _dense_nucleus(groups, shape):
+    """Groups from _nucleus_groups -> one dense [M, V] tensor of kept probabilities."""
+    dense = torch.zeros(shape, dtype=torch.float64)
+    for sel, p, ids in groups:
+        dense[sel] = p if ids is None else torch.zeros(p.shape[0], shape[1], dtype=torch.float64).scatter_(-1, ids, p)
+    return dense
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
+def test_nucleus_both_paths_keep_the_sorted_prefix(top_p):
+    from did_engine.sampler import _nucleus_groups
+    gen = torch.Generator().manual_seed(3)
+    # Rows from peaked (nucleus within the first 16) to flat (nucleus past them).
+    logits = torch.randn(9, 97, generator=gen, dtype=torch.float64) * torch.linspace(0.05, 8, 9, dtype=torch.float64)[:, None]
+    probs = logits.softmax(-1)
+    sp, order = probs.sort(-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) < top_p
+    expected = torch.zeros_like(probs).scatter_(-1, order, sp * keep) if top_p < 1.0 else probs
+    groups = _nucleus_groups(probs, top_p, first_k=16)
+    if top_p < 1.0:
+        assert len(groups) == 2  # both the partial-selection and the full-sort path ran
+    torch.testing.assert_close(_dense_nucleus(groups, probs.shape), expected, rtol=0, atol=0)
+
+
+def test_nucleus_draw_frequencies_match_the_renormalised_nucleus():
+    from did_engine.sampler import _sample_tokens
+    gen = torch.Generator().manual_seed(4)
+    probs = (torch.randn(1, 40, generator=gen, dtype=torch.float64) * 1.5).softmax(-1)
+    sp, order = probs.sort(-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) < 0.8
+    expected = torch.zeros_like(probs).scatter_(-1, order, sp * keep)[0]
+    expected /= expected.sum()
+    n = 40000
+    draws = _sample_tokens(probs.expand(n, -1), 0.8, torch.zeros(n, dtype=torch.int64), gen)
+    freq = torch.bincount(draws, minlength=40).double() / n
+    assert (freq[expected == 0] == 0).all()  # nothing outside the nucleus, ever
+    # 4 binomial standard deviations at the largest probability.
+    assert (freq - expected).abs().max() < 4 * (0.25 / n) ** 0.5
