@@ -9,6 +9,7 @@ Run ``did-engine generate --help`` for every option.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -16,6 +17,11 @@ import sys
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# Subcommands defined beside the code they run: each module offers add_parser(subparsers),
+# which adds its parser(s) with set_defaults(run=function(args) -> exit status).
+SUBCOMMAND_MODULES: tuple = ()
 
 
 class CLIError(Exception):
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--stop-at-eos", action="store_true", help="end each row at its first EOS")
 
     sub.add_parser("info", help="print did_engine.build_info() as JSON")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
@@ -200,6 +208,8 @@ def main(argv=None) -> int:
 
             print(json.dumps(did_engine.build_info(), indent=2))
             return 0
+        if hasattr(args, "run"):
+            return args.run(args)
         return cmd_generate(args)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         print(f"did-engine: error: {exc}", file=sys.stderr)
