@@ -2,6 +2,7 @@
 
     did-engine generate --model PATH [options]     draft-then-refine generation
     did-engine info                                 what the compiled op library contains
+    did-engine data prepare --out DIR [options]     build a token dataset (corpus, tokenizer, splits)
 
 Run ``did-engine generate --help`` for every option.
 """
@@ -21,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Subcommands defined beside the code they run: each module offers add_parser(subparsers),
 # which adds its parser(s) with set_defaults(run=function(args) -> exit status).
-SUBCOMMAND_MODULES: tuple = ()
+SUBCOMMAND_MODULES: tuple = ("did_engine.data.prepare",)
 
 
 class CLIError(Exception):
@@ -125,10 +126,8 @@ def _load_model(spec: str, device: str, dtype):
     tokenizer = None
     tok_path = os.path.join(spec, "tokenizer.json")
     if os.path.isfile(tok_path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise CLIError("the model ships a tokenizer.json: pip install tokenizers to use it") from None
+        from did_engine.data.tokenizer import Tokenizer
+
         tokenizer = Tokenizer.from_file(tok_path)
     return model, tokenizer
 
@@ -154,7 +153,7 @@ def cmd_generate(args) -> int:
     if args.prompt is not None:
         if tokenizer is None:
             raise CLIError("--prompt needs a tokenizer.json in the model directory; use --prompt-ids")
-        prompt = torch.tensor(tokenizer.encode(args.prompt).ids)
+        prompt = torch.tensor(tokenizer.encode(args.prompt))
     elif args.prompt_ids is not None:
         prompt = torch.tensor(args.prompt_ids)
     stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])

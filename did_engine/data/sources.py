@@ -89,19 +89,22 @@ def find_archive(package: PipPackage, pip_dir: str) -> str | None:
     found = []
     for path in glob.glob(os.path.join(pip_dir, "*")):
         base = os.path.basename(path)
-        stem = base
-        for ext in (".whl", ".tar.gz", ".zip", ".tar.bz2"):
-            if base.endswith(ext):
-                stem = base[: -len(ext)]
-                break
+        if base.endswith(".whl"):
+            # name-version-tags.whl, with '-' in the name escaped to '_'
+            name, _, rest = base.partition("-")
+            version = rest.split("-", 1)[0]
         else:
-            continue
-        parts = stem.split("-")
-        if len(parts) >= 2 and _normalized(parts[0]) == _normalized(package.name) and parts[1] == package.version:
-            is_sdist = not base.endswith(".whl")
-            if package.sdist and not is_sdist:
+            ext = next((e for e in (".tar.gz", ".zip", ".tar.bz2") if base.endswith(e)), None)
+            if ext is None:
                 continue
-            found.append((is_sdist, path))
+            # name-version.tar.gz, where the name itself may contain '-'
+            name, _, version = base[: -len(ext)].rpartition("-")
+        if _normalized(name) != _normalized(package.name) or version != package.version:
+            continue
+        is_sdist = not base.endswith(".whl")
+        if package.sdist and not is_sdist:
+            continue
+        found.append((is_sdist, path))
     return sorted(found)[0][1] if found else None
 
 
@@ -215,7 +218,7 @@ _HTML_BLOCKS = re.compile(r"<(script|style|math|gallery|timeline|score|syntaxhig
                           r".*?</\1\s*>", re.S | re.I)
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 _HTML_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
-_BLOCK_TAGS = re.compile(r"<\s*(br|p|div|li|tr|h[1-6])\b[^>]*>", re.I)
+_BLOCK_TAGS = re.compile(r"<\s*/?\s*(br|p|div|li|tr|h[1-6])\b[^>]*>", re.I)  # opening or closing
 
 
 def strip_html(text: str) -> str:
@@ -467,16 +470,15 @@ def user_documents(path: str) -> Iterator[Document]:
     if os.path.isfile(path):
         yield from _file_documents(path, os.path.basename(path), path)
         return
-    found = False
+    files = []
     for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.lower().endswith(TEXT_SUFFIXES + (".html", ".htm")) and not name.startswith("."):
-                found = True
-                full = os.path.join(dirpath, name)
-                yield from _file_documents(full, os.path.relpath(full, path), path)
-    if not found:
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [os.path.join(dirpath, name) for name in filenames
+                  if name.lower().endswith(TEXT_SUFFIXES + (".html", ".htm")) and not name.startswith(".")]
+    if not files:
         raise ValueError(f"folder {path!r} has no text files ({', '.join(TEXT_SUFFIXES)}, .html)")
+    for full in sorted(files, key=lambda f: os.path.relpath(f, path)):  # the same order on every system
+        yield from _file_documents(full, os.path.relpath(full, path), path)
 
 
 def hf_documents(spec: str) -> Iterator[Document]:

