@@ -242,7 +242,6 @@ def test_unreachable_package_says_what_and_how(tmp_path, monkeypatch):
 
 
 def test_hf_source_without_datasets_is_a_clear_error():
-    pytest.importorskip("did_engine")
     try:
         import datasets  # noqa: F401
         pytest.skip("datasets is installed here")
