@@ -97,7 +97,7 @@ class Bench:
                 self.model.commit(x, cache)
                 cache._layer_lengths.fill_(P)  # back to P for the next repetition
             cache._layer_lengths.fill_(P)  # K/V contents do not change the cost
-            costs[P] = once(self._draft_block(B, lambda xb, c=cache: self.model.decode(xb, c), commit))
+            costs[P] = once(self._draft_block(B, lambda xb, c=cache, **kw: self.model.decode(xb, c, **kw), commit))
         return integrate(costs, -(-self.L // self.bs), self.bs)
 
     def uncached_draft(self) -> float:
@@ -105,8 +105,10 @@ class Bench:
         for P in self.positions:
             prefix = torch.randint(0, self.mask_id, (1, P))
 
-            def decode(xb, prefix=prefix):
-                return self.model(torch.cat([prefix, xb], 1), block_size=self.bs)[:, -self.bs:]
+            def decode(xb, prefix=prefix, logit_positions=None):
+                # Logits of the active block only, as the cached sampler computes them.
+                need = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), logit_positions], 1)
+                return self.model(torch.cat([prefix, xb], 1), block_size=self.bs, logit_positions=need)
             costs[P] = once(self._draft_block(1, decode), reps=1)
         return integrate(costs, -(-self.L // self.bs), self.bs)
 
@@ -115,10 +117,10 @@ class Bench:
         for P in self.positions:
             window = BD3LMStyleCache(self.model, torch.randint(0, self.mask_id, (1, P))) if P else None
 
-            def decode(xb, window=window):
-                if window is None:  # an empty window: a plain forward on the block
-                    return self.model(xb)
-                return bd3lm_style_decode(self.model, xb, window)
+            def decode(xb, window=window, logit_positions=None):
+                # BD3-LM computes the whole block's logits; the sampler then reads the masked rows.
+                logits = self.model(xb) if window is None else bd3lm_style_decode(self.model, xb, window)
+                return logits if logit_positions is None else logits[logit_positions]
             # BD3-LM stores a finished block with one more full-window call.
             costs[P] = once(self._draft_block(1, decode, after=decode), reps=1)
         return integrate(costs, -(-self.L // self.bs), self.bs)

@@ -230,8 +230,10 @@ class FinalLayer(nn.Module):
             self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
 
     def forward(self, x, c):
+        """x [B, S, dim] with c [B, cond_dim], or packed rows x [M, dim] with their c [M, cond_dim]."""
         if self.adaln:
-            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+            mod = self.adaLN_modulation(c)
+            shift, scale = (mod[:, None] if x.dim() == 3 else mod).chunk(2, dim=-1)
             x = modulate(self.norm_final(x), shift, scale)
         else:
             x = self.norm_final(x)
@@ -308,13 +310,22 @@ class BlockDiffusionLM(nn.Module):
         sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32).expand(batch_size)
         return F.silu(self.sigma_map(sigma))
 
-    def _run(self, tokens, sigma, attend_for_layer):
-        """Embed, run every block with attend_for_layer(i) as its attention, return logits."""
+    def _run(self, tokens, sigma, attend_for_layer, logit_positions=None):
+        """Embed, run every block with attend_for_layer(i) as its attention, return logits
+        [B, S, V], or [M, V] at the M true positions of logit_positions [B, S] (row-major)."""
         x = self.vocab_embed(tokens)  # [B, S, dim]
         c = self._conditioning(tokens.shape[0], sigma, tokens.device)
         for i, block in enumerate(self.blocks):
             x = block(x, c, attend_for_layer(i))
-        return self.output_layer(x, c)  # [B, S, V]
+        if logit_positions is not None:
+            # The output layer is a large share of a forward with a big vocabulary: run it
+            # only where logits are wanted (the masked positions, when sampling).
+            if logit_positions.shape != tokens.shape or logit_positions.dtype != torch.bool:
+                raise ValueError(f"logit_positions must be a bool tensor of the tokens' shape {tuple(tokens.shape)}")
+            if c is not None:
+                c = c[logit_positions.nonzero()[:, 0]]  # [M, cond_dim]
+            x = x[logit_positions]  # [M, dim]
+        return self.output_layer(x, c)  # [B, S, V] or [M, V]
 
     def _check_tokens(self, tokens, name="tokens"):
         if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
@@ -329,8 +340,13 @@ class BlockDiffusionLM(nn.Module):
 
     # -- forwards -----------------------------------------------------------------------
 
-    def forward(self, tokens, x0=None, block_size: int | None = None, sigma=None):
-        """Raw logits [B, L, V].
+    # The sampler may ask decode() and the block-causal/global forwards for logits at some
+    # positions only (logit_positions=[B, S] bool -> [M, V]).
+    supports_logit_positions = True
+
+    def forward(self, tokens, x0=None, block_size: int | None = None, sigma=None, logit_positions=None):
+        """Raw logits [B, L, V] ([M, V] at the true positions of logit_positions, when given;
+        not for the training forward).
 
         - ``model(x_t, x0=x_0, block_size=b)``: training forward over cat(x_t, x_0) under
           :func:`block_diffusion_mask`; logits of the x_t half. With b >= L the x_0 half
@@ -348,6 +364,8 @@ class BlockDiffusionLM(nn.Module):
                 raise ValueError(f"x0 {tuple(x0.shape)} must have x_t's shape {tuple(tokens.shape)}")
             if block_size is None:
                 raise ValueError("the training forward needs block_size")
+            if logit_positions is not None:
+                raise ValueError("logit_positions is for sampling forwards, not the training forward")
             if block_size < L:
                 return self._training_forward(tokens, x0, block_size, sigma)
             x0 = None  # B = L: the x_0 half is useless, run a global forward on x_t
@@ -365,7 +383,7 @@ class BlockDiffusionLM(nn.Module):
         else:
             def attend(q, k, v):
                 return ops.block_causal_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, block_size)
-        return self._run(tokens, sigma, lambda i: attend)
+        return self._run(tokens, sigma, lambda i: attend, logit_positions)
 
     def _training_forward(self, x_t, x0, block_size, sigma):
         B, L = x_t.shape
@@ -398,8 +416,9 @@ class BlockDiffusionLM(nn.Module):
         if block_tokens.shape[0] != cache.batch_size:
             raise ValueError(f"block_tokens has batch {block_tokens.shape[0]} but the cache has {cache.batch_size}")
 
-    def decode(self, block_tokens, cache: BlockKVCache, sigma=None):
-        """Logits [B, n, V] of the active block against the cache; the cache is unchanged.
+    def decode(self, block_tokens, cache: BlockKVCache, sigma=None, logit_positions=None):
+        """Logits [B, n, V] of the active block against the cache ([M, V] at the true
+        positions of logit_positions [B, n], when given); the cache is unchanged.
 
         Queries are computed for the n block tokens only; cached keys are used as stored.
         """
@@ -415,7 +434,7 @@ class BlockDiffusionLM(nn.Module):
                                                   apply_rotary(k, cos, sin), v, cache.lengths)
             return attend
 
-        return self._run(block_tokens, sigma, attend_for_layer)
+        return self._run(block_tokens, sigma, attend_for_layer, logit_positions)
 
     @torch.no_grad()
     def commit(self, block_tokens, cache: BlockKVCache, sigma=None, block_size: int | None = None) -> None:

@@ -254,9 +254,10 @@ class _TokenDrawer:
         self.mask_id, self.temperature, self.top_p, self.generators = mask_id, temperature, top_p, generators
 
     def __call__(self, logits: torch.Tensor, where: torch.Tensor):
-        """logits [B, W, V], where [B, W] bool -> tokens, confidence at `where` ([M], row-major)."""
+        """logits [M, V] at the M true positions of where [B, W] (row-major) -> tokens [M],
+        confidence [M]."""
         rows = where.nonzero()[:, 0]  # [M], ascending: positions of row 0 first
-        lg = logits[where].float()  # [M, V]
+        lg = logits.float()  # [M, V] (a fresh tensor: the model's output or a selection of it)
         lg[:, self.mask_id] = float("-inf")  # SUBS: the mask is never a prediction
         model_probs = torch.softmax(lg, dim=-1)
         if self.temperature == 0:
@@ -343,7 +344,7 @@ class DiDSampler:
             nfe["draft"] = {"forward": 0}
             self._check_global(length)
             targets = tokens == self.mask_id
-            self._fill(tokens, confidence, targets, lambda x: self.model(x), drawer, nfe["draft"], "forward",
+            self._fill(tokens, confidence, targets, lambda x, **kw: self.model(x, **kw), drawer, nfe["draft"], "forward",
                        order="random", steps=cfg.mdlm_steps, gens=gens, progress=progress)
         else:
             nfe["draft"] = {"decode": 0, "commit": 0}
@@ -396,7 +397,8 @@ class DiDSampler:
               per_step=None, threshold=None):
         """Unmask every position of targets [B, W] (all mask tokens) in x [B, W], in place.
 
-        Each model call (logits_fn(x) -> [B, W, V], counted in counter[kind]) fills, per row:
+        Each model call (logits_fn(x, **kwargs) -> [B, W, V], or [M, V] with logit_positions,
+        counted in counter[kind]) fills, per row:
         per_step positions (fixed count), or every candidate above threshold (at least one),
         or ceil(remaining / calls left) when a step budget `steps` is given, or 1.
         order "random" picks the positions uniformly; "confidence" picks the most probable draws.
@@ -404,8 +406,6 @@ class DiDSampler:
         remaining = targets.clone()
         calls = 0
         while remaining.any():
-            logits = logits_fn(x)
-            counter[kind] += 1
             calls += 1
             left = remaining.sum(-1)  # [B]
             if steps is not None:
@@ -415,10 +415,13 @@ class DiDSampler:
             else:
                 counts = left.clamp(max=1)
             if order == "random":
+                # The positions are chosen before the call: logits are needed there only.
                 chosen = _random_pick(remaining, counts, gens)
-                tok, cf = drawer(logits, chosen)
+                tok, cf = drawer(self._logits(logits_fn, x, chosen), chosen)
+                counter[kind] += 1
             else:
-                tok_all, cf_all = drawer(logits, remaining)
+                tok_all, cf_all = drawer(self._logits(logits_fn, x, remaining), remaining)
+                counter[kind] += 1
                 score = torch.full(remaining.shape, float("-inf"), device=x.device)
                 score[remaining] = cf_all.float()
                 if threshold is not None:
@@ -432,6 +435,13 @@ class DiDSampler:
             conf[chosen] = cf
             remaining &= ~chosen
         return calls
+
+    def _logits(self, call, x, need):
+        """Logits [M, V] at the true positions of need [B, W] from call(x, **kwargs): models
+        that support it (``supports_logit_positions``) compute only those rows."""
+        if getattr(self.model, "supports_logit_positions", False):
+            return call(x, logit_positions=need)
+        return call(x)[need]
 
     # -- draft ----------------------------------------------------------------------------
 
@@ -458,7 +468,7 @@ class DiDSampler:
             strategy_args = dict(order="random") if cfg.strategy == "first_hitting" else (
                 dict(order="confidence", per_step=cfg.tokens_per_step) if cfg.strategy == "topk" else
                 dict(order="confidence", threshold=cfg.threshold))
-            self._fill(x, c, targets, lambda xb: model.decode(xb, cache), drawer, counter, "decode", steps=None,
+            self._fill(x, c, targets, lambda xb, **kw: model.decode(xb, cache, **kw), drawer, counter, "decode", steps=None,
                        gens=gens, **strategy_args)
             if cfg.stop_at_eos:
                 self._stop_rows(tokens, s, e, P, lengths, done)
@@ -497,11 +507,11 @@ class DiDSampler:
             ranking = confidence
         elif policy == "posthoc":
             # Re-score the finished sequence with one global forward.
-            logits = self.model(tokens)
             counter["rescore"] = counter.get("rescore", 0) + 1
-            lg = logits.float()
-            lg[..., self.mask_id] = float("-inf")
-            ranking = torch.softmax(lg, -1).gather(-1, tokens[..., None])[..., 0].contiguous()
+            lg = self._logits(lambda x, **kw: self.model(x, **kw), tokens, eligible).float()  # [M, V]
+            lg[:, self.mask_id] = float("-inf")
+            ranking = torch.full(tokens.shape, float("inf"), device=tokens.device)  # never chosen: not eligible
+            ranking[eligible] = torch.softmax(lg, -1).gather(-1, tokens[eligible][:, None])[:, 0]
         else:
             if isinstance(gens, list):
                 ranking = torch.stack([torch.rand(tokens.shape[1], generator=g, device=tokens.device) for g in gens])
@@ -521,7 +531,7 @@ class DiDSampler:
             self._check_global(L)
             counter.setdefault("forward", 0)
             targets = tokens == self.mask_id
-            self._fill(tokens, confidence, targets, lambda x: self.model(x), drawer, counter, "forward",
+            self._fill(tokens, confidence, targets, lambda x, **kw: self.model(x, **kw), drawer, counter, "forward",
                        order=stage.order, steps=stage.steps, gens=gens)
             return
         counter.setdefault("decode", 0)
@@ -536,7 +546,7 @@ class DiDSampler:
             x, c = tokens[:, s:e], confidence[:, s:e]
             targets = x == self.mask_id
             if targets.any():
-                self._fill(x, c, targets, lambda xb: self.model.decode(xb, cache), drawer, counter, "decode",
+                self._fill(x, c, targets, lambda xb, **kw: self.model.decode(xb, cache, **kw), drawer, counter, "decode",
                            order=stage.order, steps=stage.steps, gens=gens)
             if e < L:
                 self.model.commit(x, cache)

@@ -291,3 +291,28 @@ def test_mis_shaped_tensor_is_named(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         BlockDiffusionLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("adaln", [True, False])
+def test_logit_positions_give_the_dense_rows(adaln):
+    """decode / block-causal / global forwards with logit_positions = the dense logits' rows."""
+    model = random_model(seed=5, adaln=adaln, time_conditioning=True)
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 36, (3, 24), generator=gen)
+    need = torch.rand(3, 24, generator=gen) < 0.4
+    sigma = torch.rand(3, generator=gen)
+    with torch.no_grad():
+        for kwargs in ({}, {"block_size": 4}):
+            dense = model(tokens, sigma=sigma, **kwargs)
+            packed = model(tokens, sigma=sigma, logit_positions=need, **kwargs)
+            torch.testing.assert_close(packed, dense[need], rtol=1e-5, atol=1e-5)
+        cache = model.new_kv_cache(3)
+        model.commit(tokens[:, :8], cache, block_size=4)
+        block, need_block = tokens[:, 8:12], need[:, 8:12]
+        dense = model.decode(block, cache, sigma=sigma)
+        torch.testing.assert_close(model.decode(block, cache, sigma=sigma, logit_positions=need_block),
+                                   dense[need_block], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logit_positions"):
+        model(tokens, logit_positions=need[:, :5])
+    with pytest.raises(ValueError, match="logit_positions"):
+        model(tokens, x0=tokens, block_size=4, logit_positions=need)
