@@ -519,8 +519,7 @@ def validation_nelbo(model, data_dir: str, *, block_size: int, batch_size: int =
     if dataset.model_vocab_size != model.config.vocab_size:
         raise EvalError(f"{data_dir} was tokenised for a model vocabulary of {dataset.model_vocab_size}, "
                         f"the model has {model.config.vocab_size}")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the noise is drawn on the CPU
     out = evaluate_nelbo(model, dataset, block_size=block_size, batch_size=batch_size, max_batches=max_batches,
                          generator=generator)
     return {"nelbo": float(out["nelbo"]), "ppl": float(out["ppl"]), "tokens": int(out["tokens"]),
