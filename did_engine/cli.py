@@ -23,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Subcommands defined beside the code they run: each module offers add_parser(subparsers),
 # which adds its parser(s) with set_defaults(run=function(args) -> exit status).
-SUBCOMMAND_MODULES: tuple = ("did_engine.evaluate", "did_engine.ablation")
+SUBCOMMAND_MODULES: tuple = ("did_engine.train", "did_engine.evaluate", "did_engine.ablation")
 
 
 class CLIError(Exception):
