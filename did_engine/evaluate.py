@@ -603,7 +603,7 @@ def _fmt(x, digits=2) -> str:
 def describe_sampler(cfg) -> str:
     """A one-line label of a SamplerConfig, e.g. 'draft B=4 first_hitting + global:0.25:8 snapshot'."""
     if cfg.method == "mdlm":
-        return f"MDLM global, {cfg.mdlm_steps or 'one token per'} steps"
+        return f"MDLM global, {f'{cfg.mdlm_steps} calls' if cfg.mdlm_steps else 'one token per call'}"
     draft = {"first_hitting": "first-hitting", "topk": f"top-{cfg.tokens_per_step}/step",
              "threshold": f"threshold {cfg.threshold}"}[cfg.strategy]
     text = f"draft B={cfg.block_size} {draft}"

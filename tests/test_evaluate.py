@@ -384,7 +384,7 @@ def test_ablate_cli_small(model_dir, judge_dir, tmp_path, capsys):
 # Validation NELBO
 
 
-def test_data_option_needs_evaluate_nelbo_or_reports_it(model_dir, judge_dir, tmp_path, capsys):
+def test_data_reports_validation_nelbo(model_dir, judge_dir, tmp_path, capsys):
     import numpy as np
 
     from did_engine.data.format import write_manifest, write_split
@@ -397,17 +397,36 @@ def test_data_option_needs_evaluate_nelbo_or_reports_it(model_dir, judge_dir, tm
                    splits={"validation": split})
     _word_tokenizer().save(str(data / "tokenizer.json"))
     argv = ["eval", "--model", "preset:tiny", "--data", str(data), "--judge", judge_dir, "--num-samples", "1",
-            "--length", "8", "--json", "--no-progress", "--nelbo-batch-size", "4"]
-    try:
-        from did_engine.train import evaluate_nelbo  # noqa: F401
-    except ImportError:
-        assert main(argv) == 2
-        assert "evaluate_nelbo" in capsys.readouterr().err
-        return
+            "--length", "8", "--json", "--no-progress", "--nelbo-batch-size", "4", "--block-size", "4",
+            "--seeds", "7"]
     assert main(argv) == 0  # the tokenizer came from the data directory
-    report = json.loads(capsys.readouterr().out)
-    n = report["nelbo"]
-    assert n["tokens"] > 0 and n["ppl"] == pytest.approx(math.exp(n["nelbo"]), rel=1e-6)
+    n = json.loads(capsys.readouterr().out)["nelbo"]
+    # the same evaluation called directly: preset:tiny is built after torch.manual_seed(0)
+    from did_engine.data.format import TokenDataset
+    from did_engine.train import evaluate_nelbo
+
+    torch.manual_seed(0)
+    model = BlockDiffusionLM.from_preset("tiny", dropout=0.0).eval()
+    ref = evaluate_nelbo(model, TokenDataset(str(data), "validation"), block_size=4, batch_size=4,
+                         generator=torch.Generator().manual_seed(7))
+    assert n["nelbo"] == pytest.approx(ref["nelbo"], rel=1e-6) and n["tokens"] == ref["tokens"] == 6 * 31
+    assert n["ppl"] == pytest.approx(math.exp(n["nelbo"]), rel=1e-6)
+    assert n["block_size"] == 4 and n["split"] == "validation" and n["seed"] == 7
+
+
+def test_data_with_another_vocabulary_is_refused(model_dir, judge_dir, tmp_path, capsys):
+    import numpy as np
+
+    from did_engine.data.format import write_manifest, write_split
+
+    data = tmp_path / "data"
+    data.mkdir()
+    split = write_split(str(data), "validation", np.zeros((2, 8), dtype=np.uint16))
+    write_manifest(str(data), seq_len=8, tokenizer={"kind": "gpt2", "vocab_size": 50257, "bos_id": 0, "eos_id": 0},
+                   splits={"validation": split})
+    assert main(["eval", "--model", model_dir, "--data", str(data), "--judge", judge_dir, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vocabulary of 50258" in err[0]
 
 
 # ---------------------------------------------------------------------------------------
