@@ -315,6 +315,18 @@ def test_bad_arguments_give_one_line_errors(argv, message, model_dir, judge_dir,
     assert len(err) == 1 and err[0].startswith("did-engine: error:") and message in err[0], err
 
 
+def test_errors_from_a_real_process_are_one_line(model_dir):
+    import subprocess
+    import sys
+
+    for argv, message in ((["eval", "--model", "preset:tiny"], "no tokenizer.json"),
+                          (["eval", "--model", model_dir, "--judge", "./no/such/judge"], "is not a directory")):
+        proc = subprocess.run([sys.executable, "-m", "did_engine", *argv], capture_output=True, text=True,
+                              timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
 # ---------------------------------------------------------------------------------------
 # Ablations
 
