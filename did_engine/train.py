@@ -212,8 +212,10 @@ class TrainConfig:
     def from_json(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["block_sizes"] = {_key(k): v for k, v in d.get("block_sizes", {}).items()}
-        d["clip"] = {_key(k): v for k, v in d.get("clip", {}).items()}
+        if "block_sizes" in d:
+            d["block_sizes"] = {_key(k): v for k, v in d["block_sizes"].items()}
+        if "clip" in d:
+            d["clip"] = {_key(k): v for k, v in d["clip"].items()}
         if "clip_search_widths" in d:
             d["clip_search_widths"] = tuple(d["clip_search_widths"])
         return cls(**d)
