@@ -1,6 +1,8 @@
 """The ``did-engine`` command line.
 
     did-engine generate --model PATH [options]     draft-then-refine generation
+    did-engine eval --model PATH [options]          Gen PPL under an external judge, entropy, NFE, speed
+    did-engine ablate --model PATH --out DIR        the DiD ablations and the quality-speed frontier
     did-engine info                                 what the compiled op library contains
     did-engine data prepare --out DIR [options]     build a token dataset (corpus, tokenizer, splits)
 
@@ -22,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Subcommands defined beside the code they run: each module offers add_parser(subparsers),
 # which adds its parser(s) with set_defaults(run=function(args) -> exit status).
-SUBCOMMAND_MODULES: tuple = ("did_engine.data.prepare",)
+SUBCOMMAND_MODULES: tuple = ("did_engine.data.prepare", "did_engine.train", "did_engine.evaluate", "did_engine.ablation")
 
 
 class CLIError(Exception):
