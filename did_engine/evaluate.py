@@ -787,7 +787,7 @@ def load_model_and_tokenizer(args):
     if tok_path is not None:
         if not os.path.isfile(tok_path):
             raise EvalError(f"--tokenizer {tok_path!r} is not a file")
-        from tokenizers import Tokenizer
+        from did_engine.data.tokenizer import Tokenizer
 
         try:
             tokenizer = Tokenizer.from_file(tok_path)
@@ -796,8 +796,8 @@ def load_model_and_tokenizer(args):
     if tokenizer is None:
         raise EvalError(f"--model {args.model} has no tokenizer.json, so its samples cannot be turned into text "
                         "for the judge: pass --tokenizer FILE")
-    if tokenizer.get_vocab_size() > model.config.vocab_size - 1:
-        raise EvalError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model generates only "
+    if tokenizer.vocab_size > model.config.vocab_size - 1:
+        raise EvalError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model generates only "
                         f"{model.config.vocab_size - 1} (+ the mask): they do not belong together")
     return model, tokenizer
 
