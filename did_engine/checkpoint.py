@@ -80,10 +80,24 @@ def _bd3lm_config(raw: dict) -> dict:
     return raw
 
 
+def _resolve_embedded(path: str) -> str:
+    """A name of a model shipped in the package (e.g. "default") -> its directory; a real
+    directory of that name takes precedence."""
+    from did_engine.pretrained import EMBEDDED_MODELS, embedded_model_path
+
+    if os.path.isdir(path) or path not in EMBEDDED_MODELS:
+        return path
+    directory = embedded_model_path(path)
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        raise FileNotFoundError(f"the embedded model {path!r} is missing from this installation ({directory}): "
+                                "reinstall did_engine, or pass a checkpoint directory")
+    return directory
+
+
 def load_pretrained(cls, path, device=None, dtype=None, strict: bool = True):
     from did_engine.model import ModelConfig
 
-    path = os.fspath(path)
+    path = _resolve_embedded(os.fspath(path))
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (config_path, weights_path):
         if not os.path.isfile(p):

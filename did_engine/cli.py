@@ -122,8 +122,13 @@ def _load_model(spec: str, device: str, dtype):
             raise CLIError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
         torch.manual_seed(0)
         return BlockDiffusionLM.from_preset(name, dropout=0.0).to(device=device, dtype=dtype).eval(), None
-    if not os.path.isdir(spec):
-        raise CLIError(f"--model {spec!r} is not a directory (or 'preset:NAME')")
+    from did_engine.checkpoint import _resolve_embedded
+    from did_engine.pretrained import EMBEDDED_MODELS
+
+    if not os.path.isdir(spec) and spec not in EMBEDDED_MODELS:
+        raise CLIError(f"--model {spec!r} is not a directory, an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+                       "or 'preset:NAME'")
+    spec = _resolve_embedded(spec)
     model = BlockDiffusionLM.from_pretrained(spec, device=device, dtype=dtype)
     tokenizer = None
     tok_path = os.path.join(spec, "tokenizer.json")
