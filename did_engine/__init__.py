@@ -24,8 +24,10 @@ from did_engine._build_info import build_info  # noqa: E402
 from did_engine.kv_cache import BlockKVCache  # noqa: E402
 from did_engine.model import BlockDiffusionLM, ModelConfig  # noqa: E402
 from did_engine.sampler import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
+from did_engine.train import TrainConfig, evaluate_nelbo  # noqa: E402  (the module stays did_engine.train)
 
 __all__ = [
     "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
     "DiDSampler", "SamplerConfig", "RefineStage", "GenerationResult", "generate",
+    "TrainConfig", "evaluate_nelbo",
 ]

@@ -828,7 +828,11 @@ class Trainer:
             return
         with open(self.metrics_path) as f:
             keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        atomic_write_bytes(self.metrics_path, lambda tmp: open(tmp, "w").writelines(keep))
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+
+        atomic_write_bytes(self.metrics_path, write)
 
     def plot(self) -> str | None:
         if not self.dist.main or not os.path.isfile(self.metrics_path):
