@@ -24,10 +24,19 @@ from did_engine._build_info import build_info  # noqa: E402
 from did_engine.kv_cache import BlockKVCache  # noqa: E402
 from did_engine.model import BlockDiffusionLM, ModelConfig  # noqa: E402
 from did_engine.sampler import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
-from did_engine.train import TrainConfig, evaluate_nelbo  # noqa: E402  (the module stays did_engine.train)
 
 __all__ = [
     "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
     "DiDSampler", "SamplerConfig", "RefineStage", "GenerationResult", "generate",
     "TrainConfig", "evaluate_nelbo",
 ]
+
+
+def __getattr__(name):
+    # Lazy: importing did_engine.train here would make `python -m did_engine.train` (torchrun)
+    # execute that module twice.
+    if name in ("TrainConfig", "evaluate_nelbo"):
+        from did_engine import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'did_engine' has no attribute {name!r}")
