@@ -463,9 +463,10 @@ def save_checkpoint(path: str, *, model, ema, optimizer, state: dict, rng_per_ra
     """Write the checkpoint directory `path` atomically (temp dir + rename); keep the last `keep`."""
     root = os.path.dirname(path)
     os.makedirs(root, exist_ok=True)
+    for stale in os.listdir(root):  # left by a run killed while writing: never complete, never read
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
     os.makedirs(tmp)
     model.save_pretrained(tmp)  # config.json + model.safetensors: loadable by from_pretrained
     if ema is not None:
