@@ -28,4 +28,15 @@ from did_engine.sampler import DiDSampler, GenerationResult, RefineStage, Sample
 __all__ = [
     "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
     "DiDSampler", "SamplerConfig", "RefineStage", "GenerationResult", "generate",
+    "TrainConfig", "evaluate_nelbo",
 ]
+
+
+def __getattr__(name):
+    # Lazy: importing did_engine.train here would make `python -m did_engine.train` (torchrun)
+    # execute that module twice.
+    if name in ("TrainConfig", "evaluate_nelbo"):
+        from did_engine import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'did_engine' has no attribute {name!r}")

@@ -29,6 +29,7 @@ resumes to bit-identical weights (on the CPU, with a fixed thread count).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,6 +78,7 @@ class TrainConfig:
     ignore_bos: bool = True  # never mask position 0 (BOS); eval excludes it from the token count
     # optimisation
     batch_size: int = 16  # global batch (sequences per optimizer step, all ranks together)
+    micro_batch_size: int = 0  # sequences per forward on each process (gradient accumulation); 0 = all
     max_steps: int = 1000
     lr: float = 3e-4
     warmup_steps: int = 100
@@ -178,6 +180,9 @@ class TrainConfig:
                      "clip_search_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be >= 0 (0 = the whole per-process batch), got "
+                             f"{self.micro_batch_size}")
         for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "min_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -458,9 +463,10 @@ def save_checkpoint(path: str, *, model, ema, optimizer, state: dict, rng_per_ra
     """Write the checkpoint directory `path` atomically (temp dir + rename); keep the last `keep`."""
     root = os.path.dirname(path)
     os.makedirs(root, exist_ok=True)
+    for stale in os.listdir(root):  # left by a run killed while writing: never complete, never read
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
     os.makedirs(tmp)
     model.save_pretrained(tmp)  # config.json + model.safetensors: loadable by from_pretrained
     if ema is not None:
@@ -663,9 +669,23 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, stats = self.train_module(x0, masked.to(self.device), t.to(self.device), block_size)
+        masked, t = masked.to(self.device), t.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Gradient accumulation: micro-batches of the local batch, each loss weighted by its
+        # share of the rows, so the summed gradient is the local batch's mean; DDP
+        # all-reduces only at the last one.
+        B_local = x0.shape[0]
+        micro = cfg.micro_batch_size or B_local
+        starts = list(range(0, B_local, micro))
+        loss, stats = 0.0, 0.0
+        for i, s in enumerate(starts):
+            sl = slice(s, s + micro)
+            sync = i == len(starts) - 1 or not self.dist.enabled
+            with (contextlib.nullcontext() if sync else self.train_module.no_sync()):
+                part, part_stats = self.train_module(x0[sl], masked[sl], t[sl], block_size[sl])
+                part = part * (x0[sl].shape[0] / B_local)
+                part.backward()
+            loss, stats = loss + part.detach(), stats + part_stats
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
@@ -828,7 +848,11 @@ class Trainer:
             return
         with open(self.metrics_path) as f:
             keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        atomic_write_bytes(self.metrics_path, lambda tmp: open(tmp, "w").writelines(keep))
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+
+        atomic_write_bytes(self.metrics_path, write)
 
     def plot(self) -> str | None:
         if not self.dist.main or not os.path.isfile(self.metrics_path):
@@ -1029,6 +1053,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch: sequences per optimizer step over all processes (a multiple of their number)")
+    o.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+                   help="sequences per forward pass on each process; smaller than the per-process batch "
+                        "accumulates gradients over several passes (same result, less memory); 0 = all at once")
     o.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps of the whole run")
     o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW")
     o.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps from 0 to --lr")
