@@ -15,7 +15,6 @@ import json
 import os
 import tempfile
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -54,6 +54,59 @@ def _parse_ids(text: str):
         raise argparse.ArgumentTypeError(f"--prompt-ids must be integers separated by commas, got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def add_sampler_options(parser: argparse.ArgumentParser, *, top_p_and_temperature: bool = True) -> None:
+    """The draft, refinement and sampling options (of `generate` and `eval`); read them back
+    with sampler_config_from_args."""
+    draft = parser.add_argument_group("draft")
+    draft.add_argument("--method", default="did", choices=["did", "mdlm"],
+                       help="did: block draft + refinement stages; mdlm: global sampling from all-mask (baseline)")
+    draft.add_argument("--block-size", type=positive_int, default=4, help="draft block size")
+    draft.add_argument("--strategy", default="first_hitting", choices=["first_hitting", "topk", "threshold"],
+                       help="which masked positions each draft step fills: one uniformly chosen (BD3-LM), "
+                            "the k most confident, or all above a threshold")
+    draft.add_argument("--tokens-per-step", type=positive_int, default=2, help="k of the topk strategy")
+    draft.add_argument("--threshold", type=float, default=0.9, help="tau of the threshold strategy")
+    draft.add_argument("--mdlm-steps", type=positive_int, default=None, help="model calls of the mdlm method "
+                                                                             "(default: one per token)")
+    refine = parser.add_argument_group("refinement")
+    refine.add_argument("--stage", dest="stages", type=_parse_stage, action="append", default=None,
+                        help="refinement stage BLOCK:RATIO[:STEPS] (repeatable; BLOCK 'global' = whole "
+                             "sequence; STEPS model calls per block, 'auto' = one token per call). "
+                             "Default: one stage global:0.25:8")
+    refine.add_argument("--no-refine", action="store_true", help="draft only (plain BD3-LM sampling)")
+    refine.add_argument("--policy", default="snapshot", choices=["snapshot", "posthoc", "random"],
+                        help="which tokens a stage remasks: lowest snapshot confidence (DiD), lowest "
+                             "probability under a re-scoring forward, or random")
+    samp = parser.add_argument_group("sampling")
+    if top_p_and_temperature:
+        samp.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+        samp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    samp.add_argument("--eos-id", type=int, default=None, help="end-of-sequence token id")
+    samp.add_argument("--stop-at-eos", action="store_true", help="end each sample at its first EOS")
+
+
+def sampler_config_from_args(args):
+    """The SamplerConfig that add_sampler_options' arguments describe."""
+    from did_engine.sampler import RefineStage, SamplerConfig
+
+    stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
+    return SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
+                         tokens_per_step=args.tokens_per_step, threshold=args.threshold, stages=stages,
+                         remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,
+                         top_p=args.top_p, temperature=args.temperature, eos_id=args.eos_id,
+                         stop_at_eos=args.stop_at_eos)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="did-engine", description="Block diffusion LMs with the DiD sampler.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,32 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--batch", type=int, default=1, help="samples generated together")
     io.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
     io.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    draft = gen.add_argument_group("draft")
-    draft.add_argument("--method", default="did", choices=["did", "mdlm"],
-                       help="did: block draft + refinement stages; mdlm: global sampling from all-mask (baseline)")
-    draft.add_argument("--block-size", type=int, default=4, help="draft block size")
-    draft.add_argument("--strategy", default="first_hitting", choices=["first_hitting", "topk", "threshold"],
-                       help="which masked positions each draft step fills: one uniformly chosen (BD3-LM), "
-                            "the k most confident, or all above a threshold")
-    draft.add_argument("--tokens-per-step", type=int, default=2, help="k of the topk strategy")
-    draft.add_argument("--threshold", type=float, default=0.9, help="tau of the threshold strategy")
-    draft.add_argument("--mdlm-steps", type=int, default=None, help="model calls of the mdlm method "
-                                                                    "(default: one per token)")
-    refine = gen.add_argument_group("refinement")
-    refine.add_argument("--stage", dest="stages", type=_parse_stage, action="append", default=None,
-                        help="refinement stage BLOCK:RATIO[:STEPS] (repeatable; BLOCK 'global' = whole "
-                             "sequence; STEPS model calls per block, 'auto' = one token per call). "
-                             "Default: one stage global:0.25:8")
-    refine.add_argument("--no-refine", action="store_true", help="draft only (plain BD3-LM sampling)")
-    refine.add_argument("--policy", default="snapshot", choices=["snapshot", "posthoc", "random"],
-                        help="which tokens a stage remasks: lowest snapshot confidence (DiD), lowest "
-                             "probability under a re-scoring forward, or random")
-    samp = gen.add_argument_group("sampling")
-    samp.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    samp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    add_sampler_options(gen)
+    samp = gen.add_argument_group("seed")
     samp.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator driving every draw")
-    samp.add_argument("--eos-id", type=int, default=None, help="end-of-sequence token id")
-    samp.add_argument("--stop-at-eos", action="store_true", help="end each row at its first EOS")
 
     sub.add_parser("info", help="print did_engine.build_info() as JSON")
     for name in SUBCOMMAND_MODULES:
@@ -149,7 +179,7 @@ def _rewritten_markup(tokens, draft, tokenizer, start):
 
 
 def cmd_generate(args) -> int:
-    from did_engine.sampler import RefineStage, SamplerConfig, generate
+    from did_engine.sampler import generate
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available here")
@@ -163,12 +193,7 @@ def cmd_generate(args) -> int:
         prompt = torch.tensor(tokenizer.encode(args.prompt))
     elif args.prompt_ids is not None:
         prompt = torch.tensor(args.prompt_ids)
-    stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
-    config = SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
-                           tokens_per_step=args.tokens_per_step, threshold=args.threshold, stages=stages,
-                           remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,
-                           top_p=args.top_p, temperature=args.temperature, eos_id=args.eos_id,
-                           stop_at_eos=args.stop_at_eos)
+    config = sampler_config_from_args(args)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     result = generate(model, args.batch, prompt=prompt, generator=generator, config=config,
                       progress=not (args.no_progress or args.json))
@@ -180,8 +205,8 @@ def cmd_generate(args) -> int:
             "lengths": result.lengths.tolist(), "prompt_length": result.prompt_length,
             "remasked": {k: v.tolist() for k, v in result.remasked.items()},
             "nfe": result.nfe, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second(),
-            "settings": {**{k: v for k, v in vars(args).items() if k not in ("stages", "func")},
-                         "stages": [vars(s) for s in stages]},
+            "settings": {**{k: v for k, v in vars(args).items() if k not in ("stages", "func", "run")},
+                         "stages": [vars(s) for s in config.stages]},
         }
         if decode:
             out["text"] = [decode(r[: int(n)].tolist()) for r, n in zip(result.tokens, result.lengths)]
@@ -193,7 +218,7 @@ def cmd_generate(args) -> int:
         tokens, draft = result.tokens[b, :n].tolist(), result.draft_tokens[b, :n].tolist()
         print(f"=== sample {b} ===")
         print("draft:   ", decode(draft) if decode else " ".join(map(str, draft)))
-        if stages:
+        if config.stages:
             print("refined: ", decode(tokens) if decode else " ".join(map(str, tokens)))
             changed = sum(t != d for t, d in zip(tokens, draft))
             print(f"rewritten ({changed} tokens in [brackets]):",

@@ -715,13 +715,9 @@ def _parse_seeds(text: str):
 
 
 def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+    from did_engine.cli import positive_int
+
+    return positive_int(text)
 
 
 def add_common_options(p: argparse.ArgumentParser, default_samples: int):
@@ -835,18 +831,12 @@ def write_outputs(report: dict, markdown: str, out: str | None, stem: str) -> li
 
 
 def cmd_eval(args) -> int:
-    from did_engine.cli import CLIError
-    from did_engine.sampler import RefineStage, SamplerConfig
+    from did_engine.cli import CLIError, sampler_config_from_args
 
     if args.data is not None and not os.path.isdir(args.data):
         raise CLIError(f"--data {args.data!r} is not a directory")
     model, tokenizer = load_model_and_tokenizer(args)
-    stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
-    sampler = SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
-                            tokens_per_step=args.tokens_per_step, threshold=args.threshold, stages=stages,
-                            remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,
-                            top_p=args.top_p, temperature=args.temperature, eos_id=args.eos_id,
-                            stop_at_eos=args.stop_at_eos)
+    sampler = sampler_config_from_args(args)
     config = EvalConfig(sampler=sampler, num_samples=args.num_samples, batch_size=args.batch_size, seeds=args.seeds,
                         prompt=args.prompt_ids, rejection=rejection_from_args(args), keep_texts=args.keep_texts)
     progress = not args.no_progress
@@ -870,7 +860,7 @@ def cmd_eval(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from did_engine.cli import _parse_stage
+    from did_engine.cli import add_sampler_options
 
     p = subparsers.add_parser(
         "eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -880,23 +870,7 @@ def add_parser(subparsers) -> None:
                     "Gen PPL (mean of per-sample PPL and token-weighted), unigram entropy, NFE, wall time and "
                     "tokens/s, and with --data the validation NELBO perplexity, as JSON and a markdown table.")
     add_common_options(p, default_samples=32)
-    smp = p.add_argument_group("sampler (as in `did-engine generate`)")
-    smp.add_argument("--method", default="did", choices=["did", "mdlm"],
-                     help="did: block draft + refinement; mdlm: global sampling from all-mask (baseline)")
-    smp.add_argument("--block-size", type=_positive, default=4, help="draft block size")
-    smp.add_argument("--strategy", default="first_hitting", choices=["first_hitting", "topk", "threshold"],
-                     help="draft rule: one uniformly chosen position per call (BD3-LM), the k most confident, "
-                          "or every position above a threshold")
-    smp.add_argument("--tokens-per-step", type=_positive, default=2, help="k of the topk strategy")
-    smp.add_argument("--threshold", type=float, default=0.9, help="tau of the threshold strategy")
-    smp.add_argument("--mdlm-steps", type=_positive, default=None, help="model calls of the mdlm method")
-    smp.add_argument("--stage", dest="stages", type=_parse_stage, action="append", default=None,
-                     help="refinement stage BLOCK:RATIO[:STEPS] (repeatable; default global:0.25:8)")
-    smp.add_argument("--no-refine", action="store_true", help="draft only (plain BD3-LM sampling)")
-    smp.add_argument("--policy", default="snapshot", choices=["snapshot", "posthoc", "random"],
-                     help="which tokens a refinement stage remasks")
-    smp.add_argument("--eos-id", type=int, default=None, help="end-of-sequence token id")
-    smp.add_argument("--stop-at-eos", action="store_true", help="end each sample at its first EOS")
+    add_sampler_options(p, top_p_and_temperature=False)  # as in `did-engine generate`; top-p is common
     val = p.add_argument_group("validation NELBO")
     val.add_argument("--data", default=None,
                      help="prepared token dataset directory (did-engine data prepare): report the NELBO "

@@ -43,7 +43,6 @@ flip a near-tie draw).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from did_engine.checkpoint import atomic_write_bytes, atomic_write_json
 from did_engine.diffusion import SCHEDULES, draw_block_noise, get_schedule, nelbo_terms
-from did_engine.model import PRESETS, BlockDiffusionLM, ModelConfig
+from did_engine.model import PRESETS, BlockDiffusionLM
 
 TRAINER_STATE = "trainer_state.json"
 DEFAULT_EPS = (1e-3, 1.0)  # the unclipped schedule: a valid NELBO
