@@ -303,6 +303,7 @@ def _parse_blocks(text: str):
 
 
 def cmd_ablate(args) -> int:
+    from did_engine.cli import start_ids
     from did_engine.sampler import SamplerConfig
 
     cfg = AblationConfig(groups=tuple(args.groups), draft_block=args.draft_block,
@@ -313,7 +314,8 @@ def cmd_ablate(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     base = SamplerConfig(length=args.length, top_p=args.top_p, temperature=args.temperature)
     eval_config = EvalConfig(sampler=base, num_samples=args.num_samples, batch_size=args.batch_size,
-                             seeds=args.seeds, prompt=args.prompt_ids, rejection=rejection_from_args(args),
+                             seeds=args.seeds, rejection=rejection_from_args(args),
+                             prompt=args.prompt_ids if args.prompt_ids is not None else start_ids(tokenizer, args.no_bos),
                              keep_texts=args.keep_texts)
     judge = load_judge_from_args(args)
     rows, distinct = run_ablation(model, tokenizer, judge, cfg, eval_config, progress=not args.no_progress)

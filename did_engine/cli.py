@@ -64,6 +64,14 @@ def positive_int(text: str) -> int:
     return v
 
 
+def start_ids(tokenizer, no_bos: bool) -> list:
+    """[BOS] when the tokenizer has one: every training sequence starts with it (BD3-LM's
+    wrapping), so samples do too, as in BD3-LM's sampler; [] with no_bos or no tokenizer."""
+    if no_bos or tokenizer is None or getattr(tokenizer, "bos_id", None) is None:
+        return []
+    return [int(tokenizer.bos_id)]
+
+
 def add_sampler_options(parser: argparse.ArgumentParser, *, top_p_and_temperature: bool = True) -> None:
     """The draft, refinement and sampling options (of `generate` and `eval`); read them back
     with sampler_config_from_args."""
@@ -127,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     io = gen.add_argument_group("prompt and output")
     io.add_argument("--prompt", default=None,
                     help="prompt text (needs a tokenizer.json in the model directory)")
-    io.add_argument("--prompt-ids", type=_parse_ids, default=None, help="prompt as token ids, e.g. 50256,464")
+    io.add_argument("--prompt-ids", type=_parse_ids, default=None,
+                    help="prompt as token ids, used as given, e.g. 50256,464")
+    io.add_argument("--no-bos", action="store_true",
+                    help="do not start samples (and --prompt) with the tokenizer's BOS token; by default they "
+                         "do, as every training sequence does")
     io.add_argument("--length", type=int, default=None, help="tokens per sample including the prompt "
                                                               "(default: the model's context length)")
     io.add_argument("--batch", type=int, default=1, help="samples generated together")
@@ -187,12 +199,15 @@ def cmd_generate(args) -> int:
     prompt = None
     if args.prompt is not None and args.prompt_ids is not None:
         raise CLIError("give --prompt or --prompt-ids, not both")
+    bos = start_ids(tokenizer, args.no_bos)
     if args.prompt is not None:
         if tokenizer is None:
             raise CLIError("--prompt needs a tokenizer.json in the model directory; use --prompt-ids")
-        prompt = torch.tensor(tokenizer.encode(args.prompt))
+        prompt = torch.tensor(bos + tokenizer.encode(args.prompt))
     elif args.prompt_ids is not None:
         prompt = torch.tensor(args.prompt_ids)
+    elif bos:
+        prompt = torch.tensor(bos)
     config = sampler_config_from_args(args)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     result = generate(model, args.batch, prompt=prompt, generator=generator, config=config,

@@ -756,7 +756,9 @@ def add_common_options(p: argparse.ArgumentParser, default_samples: int):
     smp.add_argument("--length", type=_positive, default=None,
                      help="tokens per sample, prompt included (default: the model's context length)")
     smp.add_argument("--prompt-ids", type=_parse_ids, default=None,
-                     help="token ids every sample starts with, e.g. the BOS id (default: none)")
+                     help="token ids every sample starts with (default: the tokenizer's BOS, as in training)")
+    smp.add_argument("--no-bos", action="store_true",
+                     help="without --prompt-ids, start samples from nothing instead of the BOS token")
     smp.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     smp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
     smp.add_argument("--reject-low-entropy", action="store_true",
@@ -831,14 +833,15 @@ def write_outputs(report: dict, markdown: str, out: str | None, stem: str) -> li
 
 
 def cmd_eval(args) -> int:
-    from did_engine.cli import CLIError, sampler_config_from_args
+    from did_engine.cli import CLIError, sampler_config_from_args, start_ids
 
     if args.data is not None and not os.path.isdir(args.data):
         raise CLIError(f"--data {args.data!r} is not a directory")
     model, tokenizer = load_model_and_tokenizer(args)
     sampler = sampler_config_from_args(args)
     config = EvalConfig(sampler=sampler, num_samples=args.num_samples, batch_size=args.batch_size, seeds=args.seeds,
-                        prompt=args.prompt_ids, rejection=rejection_from_args(args), keep_texts=args.keep_texts)
+                        prompt=args.prompt_ids if args.prompt_ids is not None else start_ids(tokenizer, args.no_bos),
+                        rejection=rejection_from_args(args), keep_texts=args.keep_texts)
     progress = not args.no_progress
     nelbo = None
     if args.data is not None:

@@ -415,6 +415,15 @@ def test_cli_prepare_and_generate_with_the_datasets_tokenizer(tmp_path, capsys):
                  "--no-refine", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["text"][0].startswith("Shall I compare")
+    tok = Tokenizer.from_file(str(out))
+    # Samples start with BOS, as every training sequence does (BD3-LM's wrapping); --no-bos drops it.
+    assert result["tokens"][0][: 1 + len(tok.encode("Shall I compare"))] == [tok.bos_id] + tok.encode("Shall I compare")
+    assert main(["generate", "--model", str(ckpt), "--length", "16", "--no-refine", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][0][0] == tok.bos_id
+    assert main(["generate", "--model", str(ckpt), "--prompt", "Shall I compare", "--no-bos", "--length", "16",
+                 "--no-refine", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][0][: len(tok.encode("Shall I compare"))] == \
+        tok.encode("Shall I compare")
 
 
 def test_python_module_entry_point(tmp_path, capsys):
