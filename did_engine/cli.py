@@ -1,6 +1,6 @@
 """The ``did-engine`` command line.
 
-    did-engine generate --model PATH [options]     draft-then-refine generation
+    did-engine generate [--model PATH] [options]   draft-then-refine generation (default: the embedded model)
     did-engine eval --model PATH [options]          Gen PPL under an external judge, entropy, NFE, speed
     did-engine ablate --model PATH --out DIR        the DiD ablations and the quality-speed frontier
     did-engine info                                 what the compiled op library contains
@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "snapshot confidence, then remask the least confident tokens and rewrite them with "
                     "larger (by default global) blocks.")
     src = gen.add_argument_group("model")
-    src.add_argument("--model", required=True,
-                     help="checkpoint directory (did_engine or BD3-LM Hugging Face format), or "
-                          "'preset:NAME' for a randomly initialised preset (tiny, small): useful for timing only")
+    src.add_argument("--model", default="default",
+                     help="'default' (the small model shipped inside the package, see its MODEL_CARD.md), a "
+                          "checkpoint directory (did_engine or BD3-LM Hugging Face format), or 'preset:NAME' "
+                          "for a randomly initialised preset (tiny, mini, small): useful for timing only")
     src.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     src.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                      help="model dtype (float32 on CPUs: bf16 matmuls are slow without bf16 instructions)")
