@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
-from did_engine.evaluate import (EvalConfig, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
+from did_engine.evaluate import (EvalConfig, write_outputs, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
                                  build_report, describe_sampler, evaluate_model, load_judge_from_args,
                                  load_model_and_tokenizer, markdown_table, metric_cells, protocol_line,
                                  rejection_from_args)
@@ -321,11 +321,7 @@ def cmd_ablate(args) -> int:
     rows, distinct = run_ablation(model, tokenizer, judge, cfg, eval_config, progress=not args.no_progress)
     report = build_ablation_report(args.model, model, judge, cfg, eval_config, rows, distinct)
     markdown = ablation_markdown(report)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ablation.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "ablation.md"), "w") as f:
-        f.write(markdown)
+    write_outputs(report, markdown, args.out, "ablation")
     plot_pareto(report, os.path.join(args.out, "pareto.png"))
     print(markdown, end="")
     print(f"wrote {args.out}/ablation.json, ablation.md, pareto.png", file=sys.stderr)
