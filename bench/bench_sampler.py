@@ -5,7 +5,9 @@
     python bench/bench_sampler.py --save                   # write bench/results/sampler_cpu_<date>.md
 
 Compared, with the same random weights and the same token-drawing code:
-  ours       DiDSampler: KV-cached draft (decode + commit per block) + remask + global refine
+  ours       DiDSampler: KV-cached draft (each block's commit folded into the next block's
+             first decode call; also timed with a separate commit forward per block)
+             + remask + global refine
   no cache   the same draft without a cache: every step runs the block-causal forward over
              the whole prefix (batch 1 only: it is compute-bound, slower at every batch)
   BD3-LM     BD3-LM's compute pattern (batch 1 only, all its sampler allows): every step
@@ -38,7 +40,7 @@ from bench_model_decode import BD3LMStyleCache, bd3lm_style_decode  # noqa: E402
 from bench_ops import machine_description, measure_bandwidth  # noqa: E402
 
 from did_engine.model import BlockDiffusionLM  # noqa: E402
-from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, _TokenDrawer  # noqa: E402
+from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, _CachedBlocks, _TokenDrawer  # noqa: E402
 
 
 def once(fn, reps: int = 2) -> float:
@@ -78,12 +80,15 @@ class Bench:
         self.sampler = DiDSampler(model, SamplerConfig(length=length, block_size=bs, stages=[(None, ratio, steps)]))
         self.top_p = top_p
 
-    def _draft_block(self, B, logits_fn, after=None):
-        """Time to fill one all-mask block with first-hitting draws (+ `after`, e.g. a commit)."""
+    def _draft_block(self, B, logits_fn, after=None, before=None):
+        """Time to fill one all-mask block with first-hitting draws (after `before`, e.g. the
+        previous block's commit; then `after`)."""
         gen = torch.Generator().manual_seed(0)
         drawer = _TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
 
         def run():
+            if before is not None:
+                before()
             x = torch.full((B, self.bs), self.mask_id, dtype=torch.int64)
             conf = torch.full((B, self.bs), float("inf"))
             self.sampler._fill(x, conf, x == self.mask_id, logits_fn, drawer, {"n": 0}, "n", order="random",
@@ -92,16 +97,23 @@ class Bench:
                 after(x)
         return run
 
-    def ours_draft(self, B) -> float:
+    def ours_draft(self, B, fused: bool = True) -> float:
+        """The sampler's cached draft. fused: each block's commit rides on the next block's
+        first decode call (the sampler's default for did_engine models); otherwise every
+        block is committed by a forward of its own."""
         costs = {}
         for P in self.positions:
-            cache = self.model.new_kv_cache(B, max_len=max(self.L - self.bs, self.bs))
+            blocks = _CachedBlocks(self.model, B, max(self.L - self.bs, self.bs), {})
+            blocks.fused = fused
+            clean = torch.randint(0, self.mask_id, (B, self.bs))
 
-            def commit(x, cache=cache, P=P):
-                self.model.commit(x, cache)
-                cache._layer_lengths.fill_(P)  # back to P for the next repetition
-            cache._layer_lengths.fill_(P)  # K/V contents do not change the cost
-            costs[P] = once(self._draft_block(B, lambda xb, c=cache, **kw: self.model.decode(xb, c, **kw), commit))
+            def start(blocks=blocks, P=P):
+                # The block before this one is finished: it is pending (fused) or committed now.
+                blocks.cache._layer_lengths.fill_(max(P - self.bs, 0))  # K/V contents do not change the cost
+                blocks.pending = None
+                if P:
+                    blocks.commit(clean)
+            costs[P] = once(self._draft_block(B, blocks.decode, before=start))
         return integrate(costs, -(-self.L // self.bs), self.bs)
 
     def uncached_draft(self) -> float:
@@ -207,19 +219,24 @@ def main(argv=None) -> int:
                                                           stages=[(None, args.ratio, args.steps)]))
                 result = sampler.generate(B, generator=torch.Generator().manual_seed(0))
                 draft_s, refine_s = result.seconds["draft"], result.seconds["refine_1"]
+                split_s = None
             else:
                 draft_s = bench.ours_draft(B)
+                split_s = bench.ours_draft(B, fused=False)
+                print(f"batch {B}: draft {draft_s:.1f} s (separate commit forwards: {split_s:.1f} s)", flush=True)
                 refine_s = bench.refine(B, full_steps=B * args.length <= 8192)
             tps = B * args.length / (draft_s + refine_s)
-            rows.append((B, draft_s, refine_s, tps))
+            rows.append((B, draft_s, split_s, refine_s, tps))
             print(f"batch {B}: draft {draft_s:.1f} s, refine {refine_s:.1f} s, {tps:.1f} tokens/s", flush=True)
 
     bd3 = baseline.get("BD3-LM")
-    lines = ["| batch | draft s | refine s | refine / draft | ours tokens/s | vs no cache (b=1) | vs BD3-LM (b=1) "
-             "| draft-only tokens/s vs floor |", "|---|---|---|---|---|---|---|---|"]
-    for B, d, r, tps in rows:
+    lines = ["| batch | draft s | draft s, separate commits | refine s | refine / draft | ours tokens/s "
+             "| vs no cache (b=1) | vs BD3-LM (b=1) | draft-only tokens/s vs floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for B, d, split, r, tps in rows:
         draft_tps = B * args.length / d
-        lines.append(f"| {B} | {d:.1f} | {r:.1f} | {r / d:.2f} | {tps:.2f} | "
+        lines.append(f"| {B} | {d:.1f} | " + (f"{split:.1f} ({split / d:.2f}x)" if split else "-")
+                     + f" | {r:.1f} | {r / d:.2f} | {tps:.2f} | "
                      + (f"{tps / baseline['no cache']:.1f}x" if baseline else "-") + " | "
                      + (f"{tps / bd3:.1f}x" if bd3 else "-") + " | "
                      + (f"{draft_tps:.2f} = floor / {floor_tps / draft_tps:.2f}" if B == 1 else "-") + " |")

@@ -467,6 +467,52 @@ class BlockDiffusionLM(nn.Module):
 
             self._run_without_head(chunk, sigma, attend_for_layer)
 
+    # The sampler may fold a commit into the next block's first decode call.
+    supports_commit_and_decode = True
+
+    @torch.no_grad()
+    def commit_and_decode(self, clean_tokens, block_tokens, cache: BlockKVCache, sigma=None, logit_positions=None):
+        """``commit(clean_tokens, cache)`` then ``decode(block_tokens, cache)`` in one forward.
+
+        Both blocks go through each layer's projections and MLP together, so the weights are
+        read once instead of twice (decoding at small batch is weight-read bound). Attention
+        keeps the two calls' semantics exactly::
+
+                         cache   clean   block
+            clean rows     x       x       .      (the commit: the clean block never sees
+            block rows     x       x       x       the masked one)
+
+        Each layer commits the clean block's K/V before the block rows attend, so the cache
+        afterwards is the one ``commit`` leaves. Returns the block's logits [B, n, V], or
+        [M, V] at the true positions of logit_positions [B, n].
+        """
+        self._check_block(clean_tokens, cache)
+        self._check_block(block_tokens, cache)
+        n1, n2 = clean_tokens.shape[1], block_tokens.shape[1]
+        if logit_positions is not None and (logit_positions.shape != block_tokens.shape
+                                            or logit_positions.dtype != torch.bool):
+            raise ValueError(f"logit_positions must be a bool tensor of the block's shape {tuple(block_tokens.shape)}")
+        cache.make_room(n1, block_size=self.config.block_size)
+        if n2 > cache.capacity:
+            raise ValueError(f"a block of {n2} tokens exceeds the cache capacity {cache.capacity}")
+        cos, sin = self.rotary_emb.cos_sin(cache.positions(n1 + n2))  # [B, n1 + n2, 1, D/2]
+
+        def attend_for_layer(i):
+            def attend(q, k, v):
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, n1 + n2, H, D]
+                lengths = cache._layer_lengths[i]
+                clean = ops.block_decode_attention(q[:, :n1], cache.k[i], cache.v[i], k[:, :n1], v[:, :n1], lengths)
+                cache.commit_layer(i, k[:, :n1], v[:, :n1])  # advances lengths by n1
+                block = ops.block_decode_attention(q[:, n1:], cache.k[i], cache.v[i], k[:, n1:], v[:, n1:], lengths)
+                return torch.cat([clean, block], dim=1)
+            return attend
+
+        B = block_tokens.shape[0]
+        wanted = torch.ones_like(block_tokens, dtype=torch.bool) if logit_positions is None else logit_positions
+        need = torch.cat([torch.zeros(B, n1, dtype=torch.bool, device=wanted.device), wanted], dim=1)
+        logits = self._run(torch.cat([clean_tokens, block_tokens], dim=1), sigma, attend_for_layer, need)
+        return logits if logit_positions is not None else logits.view(B, n2, -1)
+
     def _run_without_head(self, tokens, sigma, attend_for_layer):
         # The output layer does not affect any K/V: skip it.
         x = self.vocab_embed(tokens)

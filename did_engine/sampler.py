@@ -10,8 +10,10 @@ unmasked over several model calls (one ``model.decode`` each) by one of three ru
                     (at least the most probable one)
 
 When a token is unmasked, the probability the model gave it at that moment is recorded:
-its *snapshot confidence* (no extra forward). A finished block is committed to the cache
-(one more forward, counted as a commit).
+its *snapshot confidence* (no extra forward). A finished block's clean K/V go into the
+cache: with models that offer ``commit_and_decode`` (did_engine's do) inside the next
+block's first decode call, the two blocks sharing one forward (counted as that decode);
+otherwise by a separate ``commit`` forward (counted as a commit).
 
 Refinement (stages "refine_1", ...): each stage ``RefineStage(block_size, remask_ratio,
 steps)`` sets ``remask_ratio`` of the generated tokens back to the mask token, chosen by
@@ -252,20 +254,45 @@ class _TokenDrawer:
     def __init__(self, mask_id: int, temperature: float, top_p: float, generators):
         self.mask_id, self.temperature, self.top_p, self.generators = mask_id, temperature, top_p, generators
 
+    # Rows of logits handled at once: the float64 probabilities and the nucleus sort of a
+    # whole batch-64 global step (16k rows x 50k tokens) would need tens of GB.
+    chunk_elements = 1 << 25
+
     def __call__(self, logits: torch.Tensor, where: torch.Tensor):
         """logits [M, V] at the M true positions of where [B, W] (row-major) -> tokens [M],
         confidence [M]."""
         rows = where.nonzero()[:, 0]  # [M], ascending: positions of row 0 first
-        lg = logits.float()  # [M, V] (a fresh tensor: the model's output or a selection of it)
-        lg[:, self.mask_id] = float("-inf")  # SUBS: the mask is never a prediction
-        model_probs = torch.softmax(lg, dim=-1)
-        if self.temperature == 0:
-            tokens = lg.argmax(-1)
-        else:
-            probs = torch.softmax(lg.double() / self.temperature, dim=-1)
-            tokens = _sample_tokens(probs, self.top_p, rows, self.generators)
-        confidence = model_probs.gather(-1, tokens[:, None])[:, 0]
+        tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
+        confidence = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+        for start, end in self._chunks(rows, logits.shape[-1]):
+            lg = logits[start:end].float().clone()  # [m, V]
+            lg[:, self.mask_id] = float("-inf")  # SUBS: the mask is never a prediction
+            if self.temperature == 0:
+                tok = lg.argmax(-1)
+            else:
+                probs = torch.softmax(lg.double() / self.temperature, dim=-1)
+                tok = _sample_tokens(probs, self.top_p, rows[start:end], self.generators)
+            tokens[start:end] = tok
+            confidence[start:end] = torch.softmax(lg, dim=-1).gather(-1, tok[:, None])[:, 0]
         return tokens, confidence
+
+    def _chunks(self, rows: torch.Tensor, vocab: int):
+        """Slices [start, end) of the M rows, about chunk_elements / V rows each. With
+        per-row generators a batch row's positions are never split (they draw from their
+        own generator in order), so a row's draws do not depend on the other rows."""
+        M, per_chunk = rows.shape[0], max(1, self.chunk_elements // max(vocab, 1))
+        if not isinstance(self.generators, list):
+            return [(s, min(s + per_chunk, M)) for s in range(0, M, per_chunk)]
+        bounds = torch.cat([torch.tensor([0], device=rows.device), (rows[1:] != rows[:-1]).nonzero()[:, 0] + 1,
+                            torch.tensor([M], device=rows.device)]).tolist()  # batch-row boundaries
+        chunks, start = [], 0
+        for i in range(1, len(bounds)):  # grow a chunk by whole batch rows while it fits
+            if bounds[i] - start > per_chunk and bounds[i - 1] > start:
+                chunks.append((start, bounds[i - 1]))
+                start = bounds[i - 1]
+        if start < M:
+            chunks.append((start, M))
+        return chunks
 
 
 def _random_pick(candidates: torch.Tensor, counts: torch.Tensor, generators) -> torch.Tensor:
@@ -447,11 +474,10 @@ class DiDSampler:
     def _draft(self, tokens, confidence, P, lengths, drawer, gens, counter, progress):
         cfg, model = self.config, self.model
         bs, (B, L) = cfg.block_size, tokens.shape
-        cache = model.new_kv_cache(B, max_len=max(self.model_length - bs, bs))
+        cache = _CachedBlocks(model, B, max(self.model_length - bs, bs), counter)
         first = P // bs  # blocks made only of prompt tokens are committed as the prefill
         if first:
-            model.commit(tokens[:, : first * bs], cache, block_size=bs)
-            counter["commit"] += first
+            cache.prefill(tokens[:, : first * bs], bs)
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         blocks = range(first, -(-L // bs))
         if progress:
@@ -467,16 +493,14 @@ class DiDSampler:
             strategy_args = dict(order="random") if cfg.strategy == "first_hitting" else (
                 dict(order="confidence", per_step=cfg.tokens_per_step) if cfg.strategy == "topk" else
                 dict(order="confidence", threshold=cfg.threshold))
-            self._fill(x, c, targets, lambda xb, **kw: model.decode(xb, cache, **kw), drawer, counter, "decode", steps=None,
-                       gens=gens, **strategy_args)
+            self._fill(x, c, targets, cache.decode, drawer, counter, "decode", steps=None, gens=gens, **strategy_args)
             if cfg.stop_at_eos:
                 self._stop_rows(tokens, s, e, P, lengths, done)
                 if bool(done.all()):
                     tokens[:, e:] = cfg.eos_id
                     break
             if e < L:
-                model.commit(x, cache)
-                counter["commit"] += 1
+                cache.commit(x)
 
     def _stop_rows(self, tokens, s, e, P, lengths, done):
         """Rows whose block [s, e) produced an EOS end there; the rest of the row becomes EOS."""
@@ -533,23 +557,60 @@ class DiDSampler:
             self._fill(tokens, confidence, targets, lambda x, **kw: self.model(x, **kw), drawer, counter, "forward",
                        order=stage.order, steps=stage.steps, gens=gens)
             return
-        counter.setdefault("decode", 0)
-        counter.setdefault("commit", 0)
-        cache = self.model.new_kv_cache(B, max_len=max(self.model_length - bs, bs))
+        cache = _CachedBlocks(self.model, B, max(self.model_length - bs, bs), counter)
         first = P // bs
         if first:
-            self.model.commit(tokens[:, : first * bs], cache, block_size=bs)
-            counter["commit"] += first
+            cache.prefill(tokens[:, : first * bs], bs)
         for j in range(first, -(-L // bs)):
             s, e = j * bs, min((j + 1) * bs, L)
             x, c = tokens[:, s:e], confidence[:, s:e]
             targets = x == self.mask_id
             if targets.any():
-                self._fill(x, c, targets, lambda xb, **kw: self.model.decode(xb, cache, **kw), drawer, counter, "decode",
+                self._fill(x, c, targets, cache.decode, drawer, counter, "decode",
                            order=stage.order, steps=stage.steps, gens=gens)
             if e < L:
-                self.model.commit(x, cache)
-                counter["commit"] += 1
+                cache.commit(x)
+
+
+class _CachedBlocks:
+    """A KV cache driven block by block, counting every forward in counter.
+
+    A finished block is not committed at once: with a model that offers
+    ``commit_and_decode`` the commit rides along with the next block's first decode call
+    (one forward, counted as that decode), which saves one weight read per block where
+    decoding is weight-read bound. Other models get a separate ``commit`` (counted as one).
+    """
+
+    def __init__(self, model, batch_size, max_len, counter):
+        self.model, self.counter = model, counter
+        self.cache = model.new_kv_cache(batch_size, max_len=max_len)
+        self.fused = bool(getattr(model, "supports_commit_and_decode", False))
+        self.pending = None  # a finished block not yet in the cache
+        counter.setdefault("decode", 0)
+        counter.setdefault("commit", 0)
+
+    def prefill(self, tokens, block_size):
+        """Commit whole prompt blocks (block-causal prefill, one forward per block)."""
+        self.model.commit(tokens, self.cache, block_size=block_size)
+        self.counter["commit"] += tokens.shape[1] // block_size
+
+    def commit(self, block):
+        if not self.fused:
+            self._commit_now(block)
+            return
+        if self.pending is not None:  # the previous block had no decode call to ride on
+            self._commit_now(self.pending)
+        self.pending = block.clone()
+
+    def _commit_now(self, block):
+        self.model.commit(block, self.cache)
+        self.counter["commit"] += 1
+
+    def decode(self, block, **kwargs):
+        if self.pending is None:
+            return self.model.decode(block, self.cache, **kwargs)
+        pending, self.pending = self.pending, None
+        return self.model.commit_and_decode(pending, block, self.cache, **kwargs)
 
 
 def generate(model, batch_size: int = 1, prompt=None, *, generator=None, tokenizer=None, progress: bool = False,

@@ -146,6 +146,54 @@ def test_decode_does_not_change_the_cache():
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1]) and torch.equal(cache.lengths, before[2])
 
 
+@pytest.mark.parametrize("overrides,block,n2", [
+    (dict(), 4, 4),
+    (dict(n_heads=1, adaln=False), 3, 1),  # a short last block after a full one
+    (dict(time_conditioning=True, n_blocks=3), 5, 5),
+])
+def test_commit_and_decode_equals_commit_then_decode(overrides, block, n2):
+    """The fused forward leaves the cache commit() leaves and returns decode()'s logits,
+    at every block of a sequence that overflows the cache (the sliding window included)."""
+    model = random_model(seed=3, **overrides)
+    mask_id = model.config.mask_id
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randint(0, mask_id, (3, 40), generator=gen)
+    xt = x0.masked_fill(torch.rand(3, 40, generator=gen) < 0.5, mask_id)
+    sigma = torch.rand(3, generator=gen)
+    with torch.no_grad():
+        fused, split = model.new_kv_cache(3, max_len=2 * block + 1), model.new_kv_cache(3, max_len=2 * block + 1)
+        model.commit(x0[:, :block], fused, sigma=sigma)
+        model.commit(x0[:, :block], split, sigma=sigma)
+        for start in range(block, 40 - block - n2 + 1, block):
+            clean, noisy = x0[:, start : start + block], xt[:, start + block : start + block + n2]
+            need = noisy == mask_id
+            got = model.commit_and_decode(clean, noisy, fused, sigma=sigma)
+            model.commit(clean, split, sigma=sigma)
+            want = model.decode(noisy, split, sigma=sigma)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            for name in ("lengths", "offset"):
+                assert torch.equal(getattr(fused, name), getattr(split, name)), name
+            n = int(split.lengths[0])
+            torch.testing.assert_close(fused.k[:, :, :n], split.k[:, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fused.v[:, :, :n], split.v[:, :, :n], atol=1e-5, rtol=1e-5)
+            # Logits at some positions only: the dense rows. Run on a copy (the call commits).
+            copy = model.new_kv_cache(3, max_len=2 * block + 1)
+            copy.k.copy_(fused.k), copy.v.copy_(fused.v), copy._layer_lengths.copy_(fused._layer_lengths)
+            copy.offset.copy_(fused.offset)
+            packed = model.commit_and_decode(x0[:, start + block : start + 2 * block], noisy, copy, sigma=sigma,
+                                             logit_positions=need)
+            model.commit(x0[:, start + block : start + 2 * block], split, sigma=sigma)
+            torch.testing.assert_close(packed, model.decode(noisy, split, sigma=sigma)[need], atol=2e-5, rtol=1e-5)
+            # Undo that extra commit on the reference cache, so the loop's caches stay equal.
+            split.k.copy_(fused.k), split.v.copy_(fused.v), split._layer_lengths.copy_(fused._layer_lengths)
+            split.offset.copy_(fused.offset)
+        assert int(fused.offset[0]) > 0  # the window slid
+    with pytest.raises(ValueError, match="logit_positions"):
+        model.commit_and_decode(x0[:, :block], xt[:, :n2], fused, logit_positions=torch.ones(3, n2 + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch"):
+        model.commit_and_decode(x0[:2, :block], xt[:2, :n2], fused)
+
+
 # -- cache capacity and the sliding window -------------------------------------------------
 
 

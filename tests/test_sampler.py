@@ -151,7 +151,7 @@ def test_posthoc_rescoring_costs_one_forward_and_random_is_seeded():
 
 
 def test_small_refine_blocks_use_the_cache_and_count_commits():
-    model = tiny_model()
+    model = unfused(tiny_model())
     result = generate(model, 2, length=24, stages=[(8, 0.25, None)], generator=torch.Generator().manual_seed(0))
     nfe = result.nfe["refine_1"]
     assert nfe["commit"] == 2  # blocks 0 and 1 are committed, the last is not
@@ -226,6 +226,36 @@ def test_kv_cached_draft_equals_uncached_block_causal_draft_under_greedy():
     uncached = generate(UncachedModel(model), **kwargs)
     assert torch.equal(cached.tokens, uncached.tokens)
     torch.testing.assert_close(cached.confidence, uncached.confidence, atol=1e-5, rtol=1e-5)
+
+
+def unfused(model):
+    """The model without commit_and_decode: the sampler commits each block by itself."""
+    model.supports_commit_and_decode = False  # instance attribute over the class's
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(length=32, strategy="first_hitting", stages=[(None, 0.25, 4)]),
+    dict(length=48, strategy="topk", prompt=list(range(1, 7)), stages=[(8, 0.5, 3), (4, 0.2, None)]),
+    dict(length=30, strategy="threshold", threshold=0.3, block_size=3, prompt=[5, 6, 7]),
+])
+def test_commit_folded_into_the_next_decode_changes_nothing_but_the_forward_count(kwargs):
+    """Fused (commit inside the next block's first decode) == separate commits: same tokens,
+    same confidences, same decode calls; the fused run makes no separate commit forwards
+    except the prompt prefill and blocks that needed no decode call."""
+    kwargs = dict(temperature=0, batch_size=2, **kwargs)
+    fused = generate(tiny_model(), **kwargs)
+    split = generate(unfused(tiny_model()), **kwargs)
+    assert torch.equal(fused.tokens, split.tokens) and torch.equal(fused.draft_tokens, split.draft_tokens)
+    torch.testing.assert_close(fused.confidence, split.confidence, atol=1e-5, rtol=1e-5)
+    bs = kwargs.get("block_size", 4)
+    P = len(kwargs.get("prompt", []))
+    blocks = -(-kwargs["length"] // bs)
+    assert split.nfe["draft"]["commit"] == blocks - 1  # prefill blocks + every block but the last
+    assert fused.nfe["draft"]["commit"] == P // bs  # the prefill only
+    for stage in fused.nfe:
+        assert fused.nfe[stage].get("decode") == split.nfe[stage].get("decode")
+        assert fused.nfe[stage].get("commit", 0) <= split.nfe[stage].get("commit", 0)
 
 
 def test_generation_past_the_context_slides_the_cache():
@@ -318,3 +348,28 @@ def test_nucleus_draw_frequencies_match_the_renormalised_nucleus():
     assert (freq[expected == 0] == 0).all()  # nothing outside the nucleus, ever
     # 4 binomial standard deviations at the largest probability.
     assert (freq - expected).abs().max() < 4 * (0.25 / n) ** 0.5
+
+
+def test_token_drawer_chunks_rows_without_changing_any_draw():
+    """The drawer works through the rows in chunks (bounded memory); with per-row generators a
+    batch row is never split, so chunked draws equal one-pass draws exactly."""
+    from did_engine.sampler import _TokenDrawer
+    gen = torch.Generator().manual_seed(5)
+    where = torch.rand(6, 11, generator=gen) < 0.6  # [B, W]: uneven positions per row
+    logits = torch.randn(int(where.sum()), 23, generator=gen) * torch.rand(int(where.sum()), 1, generator=gen) * 6
+    results = []
+    for chunk in (1 << 25, 23 * 3, 1):  # one pass; a few rows per chunk; one row per chunk
+        drawer = _TokenDrawer(22, 1.0, 0.9, [torch.Generator().manual_seed(40 + b) for b in range(6)])
+        drawer.chunk_elements = chunk
+        results.append(drawer(logits.clone(), where))
+    for tokens, confidence in results[1:]:
+        assert torch.equal(tokens, results[0][0]) and torch.equal(confidence, results[0][1])
+    assert (results[0][0] != 22).all()  # never the mask
+    probs = logits.clone()
+    probs[:, 22] = float("-inf")
+    torch.testing.assert_close(results[0][1], probs.softmax(-1).gather(-1, results[0][0][:, None])[:, 0])
+    # One shared generator: chunking changes which draw a row gets, never what is drawable.
+    shared = _TokenDrawer(22, 0.0, 0.9, torch.Generator().manual_seed(1))
+    shared.chunk_elements = 23 * 2
+    tokens, _ = shared(logits.clone(), where)
+    assert torch.equal(tokens, probs.argmax(-1))  # greedy, chunked
