@@ -329,8 +329,10 @@ def cmd_ablate(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from did_engine.cli import HelpFormatter
+
     p = subparsers.add_parser(
-        "ablate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "ablate", formatter_class=HelpFormatter,
         help="the DiD paper's ablations and the quality-speed Pareto frontier on one model",
         description="Evaluate groups of sampler configurations on one model with the same judge, seeds and "
                     "sample count: draft only vs DiD, refine block size, remask ratio, remask policy, and "

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 
 import torch
@@ -25,6 +26,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Subcommands defined beside the code they run: each module offers add_parser(subparsers),
 # which adds its parser(s) with set_defaults(run=function(args) -> exit status).
 SUBCOMMAND_MODULES: tuple = ("did_engine.data.prepare", "did_engine.train", "did_engine.evaluate", "did_engine.ablation")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless X is None / False (nothing to say)
+    or the help text already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or re.search(r"\bdefault(:|\s|\))", text, re.IGNORECASE):
+            return text
+        return super()._get_help_string(action)
 
 
 class CLIError(Exception):
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(
-        "generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "generate", formatter_class=HelpFormatter,
         help="generate text: block-diffusion draft, then refinement stages",
         description="Draft the sequence with small blocks and an exact KV cache, recording each token's "
                     "snapshot confidence, then remask the least confident tokens and rewrite them with "

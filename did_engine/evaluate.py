@@ -863,10 +863,12 @@ def cmd_eval(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from did_engine.cli import HelpFormatter
+
     from did_engine.cli import add_sampler_options
 
     p = subparsers.add_parser(
-        "eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "eval", formatter_class=HelpFormatter,
         help="generative perplexity under an external judge, entropy, NFE, speed, validation NELBO",
         description="Generate --num-samples samples per seed, decode them with the model's tokenizer, and score "
                     "them with a judge causal LM this project did not train (default: SmolLM2-135M). Reports "

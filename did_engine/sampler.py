@@ -210,18 +210,54 @@ def _nucleus_groups(probs: torch.Tensor, top_p: float, first_k: int = 1024):
     """
     if top_p >= 1.0:
         return [(torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device), probs, None)]
-    head_p, head_ids = probs.topk(min(first_k, probs.shape[-1]), dim=-1)  # [M, k], descending
-    short = head_p.sum(-1) < top_p  # [M]: the nucleus reaches past the first k tokens
+    k = min(first_k, probs.shape[-1])
+    # [M]: the nucleus reaches past the first k tokens. Certain without the topk when even k
+    # copies of the row's largest probability fall short (flat rows).
+    short = probs.amax(-1) * k < top_p
+    if not short.all():
+        head_p, head_ids = probs[~short].topk(k, dim=-1)  # [M', k], descending
+        head_short = head_p.sum(-1) < top_p
+        short[~short.clone()] = head_short
+        head_p, head_ids = head_p[~head_short], head_ids[~head_short]
     groups = []
     # Candidates go back to token-id order: the draw must not depend on how topk/sort order
     # tied probabilities, which can change with the number of rows.
     if not short.all():
-        ids, order = head_ids[~short].sort(dim=-1)
-        groups.append((~short, _keep_prefix(head_p[~short], top_p).gather(-1, order), ids))
+        ids, order = head_ids.sort(dim=-1)
+        groups.append((~short, _keep_prefix(head_p, top_p).gather(-1, order), ids))
     if short.any():
-        all_p, all_ids = probs[short].sort(dim=-1, descending=True)
-        groups.append((short, torch.zeros_like(all_p).scatter_(-1, all_ids, _keep_prefix(all_p, top_p)), None))
+        groups.append((short, _nucleus_by_buckets(probs[short], top_p), None))
     return groups
+
+
+def _nucleus_by_buckets(probs: torch.Tensor, top_p: float, mantissa_bits: int = 5) -> torch.Tensor:
+    """The nucleus of each row of probs [m, V] (float64) as probabilities [m, V], zero
+    outside it, without sorting the vocabulary: what sorting descending and keeping every
+    token whose preceding mass is below top_p keeps.
+
+    The float32 bit pattern of a probability, shifted right, is a bucket index that never
+    decreases as the probability grows (2^mantissa_bits buckets per power of two). Bucket
+    masses summed from the top find the boundary bucket, where the running mass first
+    reaches top_p: buckets above it are kept whole, buckets below dropped, and only the
+    boundary bucket's tokens (a few hundred even for a flat row) are ordered, by topk.
+    """
+    m, V = probs.shape
+    shift = 23 - mantissa_bits
+    key = (probs.float().view(torch.int32) >> shift).long()  # [m, V], monotone in p
+    n_keys = (0x7F800000 >> shift) + 1  # up to +inf's bucket
+    mass = torch.zeros(m, n_keys, dtype=probs.dtype, device=probs.device).scatter_add_(1, key, probs)
+    above = mass.flip(-1).cumsum(-1).flip(-1) - mass  # [m, n_keys]: mass of the higher buckets
+    reaches = (above + mass >= top_p) & (mass > 0)
+    # The boundary: the highest bucket where the running mass reaches top_p (none: keep all).
+    boundary = torch.where(reaches.any(-1), n_keys - 1 - reaches.flip(-1).int().argmax(-1), -1)  # [m]
+    keep = key > boundary[:, None]
+    in_boundary = key == boundary[:, None]
+    count = int(in_boundary.sum(-1).max()) if m else 0
+    if count:
+        vals, ids = probs.masked_fill(~in_boundary, -1.0).topk(count, dim=-1)  # [m, count], descending
+        before = above.gather(1, boundary.clamp(min=0)[:, None]) + vals.clamp(min=0).cumsum(-1) - vals.clamp(min=0)
+        keep.scatter_(1, ids, (vals >= 0) & (before < top_p) | keep.gather(1, ids))
+    return probs * keep
 
 
 def _draw(weights: torch.Tensor, generator) -> torch.Tensor:

@@ -1119,14 +1119,16 @@ DESCRIPTION = ("Train (or fine-tune) a block diffusion LM with mix-scale block s
 
 
 def add_parser(subparsers) -> None:
+    from did_engine.cli import HelpFormatter
+
     p = subparsers.add_parser("train", help="mix-scale block diffusion training (DDP under torchrun)",
-                              description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=DESCRIPTION, formatter_class=HelpFormatter)
     configure_parser(p)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m did_engine.train", description=DESCRIPTION,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     configure_parser(parser)
     args = parser.parse_args(argv)
     try:

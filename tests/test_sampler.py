@@ -334,6 +334,30 @@ def test_nucleus_both_paths_keep_the_sorted_prefix(top_p):
     torch.testing.assert_close(_dense_nucleus(groups, probs.shape), expected, rtol=0, atol=0)
 
 
+def test_nucleus_by_buckets_on_ties_zeros_and_wide_ranges():
+    """The sort-free nucleus (flat rows) against sorting, where buckets are hardest: many equal
+    probabilities, zeros (the SUBS mask), probabilities spanning hundreds of powers of two."""
+    from did_engine.sampler import _keep_prefix, _nucleus_by_buckets
+    gen = torch.Generator().manual_seed(8)
+    uniform = torch.full((1, 7), 1 / 7, dtype=torch.float64)
+    kept = _nucleus_by_buckets(uniform, 0.5)
+    assert int((kept > 0).sum()) == 4 and torch.equal(kept[kept > 0], uniform[0, :4])  # 0, 1/7, 2/7, 3/7 < 0.5
+    wide = (torch.randn(5, 301, generator=gen, dtype=torch.float64) * 40).softmax(-1)  # down to ~1e-300
+    ties = torch.randint(1, 6, (5, 301), generator=gen).double()
+    ties[:, 0] = 0.0  # the mask column
+    ties /= ties.sum(-1, keepdim=True)
+    for probs in (wide, ties):
+        for top_p in (0.1, 0.5, 0.95, 0.999999):
+            sp, order = probs.sort(-1, descending=True)
+            expected = torch.zeros_like(probs).scatter_(-1, order, _keep_prefix(sp, top_p))
+            got = _nucleus_by_buckets(probs, top_p)
+            # The same count and mass per row (which of several equal values is kept may differ).
+            assert torch.equal((got > 0).sum(-1), (expected > 0).sum(-1))
+            torch.testing.assert_close(got.sum(-1), expected.sum(-1), rtol=1e-12, atol=0)
+            if probs is wide:
+                assert torch.equal(got, expected)
+
+
 def test_nucleus_draw_frequencies_match_the_renormalised_nucleus():
     from did_engine.sampler import _sample_tokens
     gen = torch.Generator().manual_seed(4)

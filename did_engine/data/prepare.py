@@ -270,17 +270,19 @@ _DESCRIPTION = ("Build a token dataset: read the sources (the default corpus is 
 
 def add_parser(subparsers) -> None:
     """Adds `data` with its `prepare` subcommand to the did-engine command line."""
+    from did_engine.cli import HelpFormatter
+
     data = subparsers.add_parser("data", help="prepare token datasets", description="Token datasets.")
     commands = data.add_subparsers(dest="data_command", required=True)
     prep = commands.add_parser("prepare", help="build a token dataset from text sources", description=_DESCRIPTION,
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     add_arguments(prep)
     prep.set_defaults(run=run)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m did_engine.data.prepare", description=_DESCRIPTION,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
