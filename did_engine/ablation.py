@@ -216,6 +216,16 @@ def ablation_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label_log_axis(axis) -> None:
+    """Plain labels at 1, 2, 5 x 10^k on a log axis, none on the minor ticks (matplotlib's
+    default labels minor ticks on short ranges, where they overlap)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_pareto(report: dict, path: str) -> str:
     """Gen PPL (mean of per-sample) against NFE and against seconds per sample, one PNG."""
     import matplotlib
@@ -248,9 +258,11 @@ def plot_pareto(report: dict, path: str) -> str:
         ax.set_ylabel("Gen PPL (mean of per-sample)")
         if all(v > 0 for v in xs) and max(xs) / max(min(xs), 1e-12) > 20:
             ax.set_xscale("log")
+            _label_log_axis(ax.xaxis)
         finite = [v for v in ys if v == v and v > 0]
         if finite and max(finite) / min(finite) > 20:
             ax.set_yscale("log")
+            _label_log_axis(ax.yaxis)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=g) for g, c in colors.items()
                if any(r["group"] == g for r in pts)]

@@ -12,6 +12,7 @@ Run ``did-engine generate --help`` for every option.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -104,6 +105,10 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, top_p_and_temperatur
                              "sequence; STEPS model calls per block, 'auto' = one token per call). "
                              "Default: one stage global:0.25:8")
     refine.add_argument("--no-refine", action="store_true", help="draft only (plain BD3-LM sampling)")
+    refine.add_argument("--reuse-context", action="store_true",
+                        help="global stages: after one full forward, re-run only the remasked positions "
+                             "against the stored K/V of the rest (approximate; a step then costs about "
+                             "RATIO of a full one)")
     refine.add_argument("--policy", default="snapshot", choices=["snapshot", "posthoc", "random"],
                         help="which tokens a stage remasks: lowest snapshot confidence (DiD), lowest "
                              "probability under a re-scoring forward, or random")
@@ -120,6 +125,8 @@ def sampler_config_from_args(args):
     from did_engine.sampler import RefineStage, SamplerConfig
 
     stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
+    if getattr(args, "reuse_context", False):
+        stages = [dataclasses.replace(s, reuse_context=True) for s in stages]
     return SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
                          tokens_per_step=args.tokens_per_step, threshold=args.threshold, stages=stages,
                          remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,

@@ -617,6 +617,7 @@ def describe_sampler(cfg) -> str:
     text = f"draft B={cfg.block_size} {draft}"
     for s in cfg.stages:
         text += f" + {'global' if s.block_size is None else s.block_size}:{s.remask_ratio}:{s.steps or 'auto'}"
+        text += " (reused context)" if s.reuse_context else ""
     if cfg.stages:
         text += f" {cfg.remask_policy}"
     return text

@@ -513,6 +513,66 @@ class BlockDiffusionLM(nn.Module):
         logits = self._run(torch.cat([clean_tokens, block_tokens], dim=1), sigma, attend_for_layer, need)
         return logits if logit_positions is not None else logits.view(B, n2, -1)
 
+    @torch.no_grad()
+    def refine_forward(self, tokens, context: BlockKVCache, positions=None, write=None, sigma=None,
+                       logit_positions=None):
+        """Global bidirectional forward that keeps every layer's K/V in ``context``, then
+        re-runs only some positions against them (approximate refinement steps).
+
+        - ``positions=None``: the global forward ``model(tokens)`` (the same logits); each
+          layer's K/V of all L tokens are written to ``context`` (capacity >= L).
+        - ``positions`` int64 [B, r]: only the tokens at those positions go through the
+          layers; each layer overwrites their K/V in ``context`` (where ``write`` [B, r] is
+          true; default everywhere) and their queries attend over all L stored keys::
+
+                             stored keys (positions 0 .. L-1)
+              query rows r   x x x x x x x x   (no mask; rows not re-run keep the K/V
+                                                of the last pass that computed them)
+
+          Exact while the other positions' tokens are unchanged since their K/V were
+          stored; when positions were re-filled in between, the others' K/V are stale
+          (the approximation that makes a refine step cost r / L of a full one).
+
+        Returns logits [B, S, V] (S = L or r), or [M, V] at logit_positions ([B, S] bool).
+        """
+        self._check_tokens(tokens)
+        B, L = tokens.shape
+        if context.batch_size != B or context.capacity < L:
+            raise ValueError(f"context must hold batch {B} x {L} tokens, got batch {context.batch_size} x "
+                             f"{context.capacity}")
+        if positions is None:
+            rows, where = tokens, torch.arange(L, device=tokens.device)[None].expand(B, L)
+        else:
+            if positions.dim() != 2 or positions.shape[0] != B or positions.dtype != torch.int64:
+                raise ValueError(f"positions must be int64 [B={B}, r], got {tuple(positions.shape)} {positions.dtype}")
+            if positions.numel() and (positions.min() < 0 or positions.max() >= L):
+                raise ValueError(f"positions must lie in [0, {L})")
+            rows, where = tokens.gather(1, positions), positions
+            if positions.shape[1] == 0:  # nothing to re-run
+                V = self.config.vocab_size
+                return tokens.new_zeros((0, V) if logit_positions is not None else (B, 0, V), dtype=self.dtype)
+        if write is not None and write.shape != where.shape:
+            raise ValueError(f"write must be a bool tensor of the positions' shape {tuple(where.shape)}")
+        cos, sin = self.rotary_emb.cos_sin(where)  # [B, S, 1, D/2]
+        batch_index = torch.arange(B, device=tokens.device)[:, None].expand_as(where)
+
+        def attend_for_layer(i):
+            def attend(q, k, v):
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, S, H, D]
+                if positions is None:
+                    context.k[i, :, :L], context.v[i, :, :L] = k, v
+                    return _sdpa(q, k, v)
+                keep = slice(None) if write is None else write
+                context.k[i][batch_index[keep], where[keep]] = k[keep]
+                context.v[i][batch_index[keep], where[keep]] = v[keep]
+                return _sdpa(q, context.k[i, :, :L], context.v[i, :, :L])
+            return attend
+
+        logits = self._run(rows, sigma, attend_for_layer, logit_positions)
+        if positions is None:
+            context._layer_lengths.fill_(L)
+        return logits
+
     def _run_without_head(self, tokens, sigma, attend_for_layer):
         # The output layer does not affect any K/V: skip it.
         x = self.vocab_embed(tokens)

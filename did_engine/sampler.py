@@ -67,6 +67,9 @@ class RefineStage:
     remask_ratio: float = 0.25
     steps: int | None = 8
     order: str = "confidence"  # which masked tokens a step fills first: "confidence" or "random"
+    # Global stages only, approximate: after the first step's full forward, later steps re-run
+    # only the remasked positions against the stored K/V of the rest (model.refine_forward).
+    reuse_context: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.remask_ratio <= 1.0:
@@ -412,21 +415,50 @@ class DiDSampler:
             nfe["draft"] = {"decode": 0, "commit": 0}
             self._draft(tokens, confidence, P, lengths, drawer, gens, nfe["draft"], progress)
         seconds["draft"] = time.perf_counter() - t0
-        draft_tokens, draft_confidence = tokens.clone(), confidence.clone()
+        draft = GenerationResult(tokens, tokens.clone(), confidence, confidence.clone(), remasked, nfe, seconds,
+                                 lengths, P)
+        return self._run_stages(draft, cfg.stages, gens, drawer, tokenizer, progress)
 
-        for i, stage in enumerate(cfg.stages, start=1):
+    @torch.no_grad()
+    def refine(self, result: GenerationResult, stages=None, generator=None, tokenizer=None,
+               progress: bool = False) -> GenerationResult:
+        """Run refinement stages (default: the config's) on a finished generation, from its
+        tokens and snapshot confidences; ``result`` is left as it was.
+
+        The way to compare refinement settings on the same drafts: draft once with
+        ``stages=[]``, then refine copies. The new result keeps the draft fields and the
+        earlier stages' counts and times; its new stages are numbered after them.
+        ``generate(..., stages=S)`` equals ``refine(generate(..., stages=[]), S)`` when the
+        same generator objects are passed on (they carry the draws' state).
+        """
+        stages = self.config.stages if stages is None else [
+            s if isinstance(s, RefineStage) else RefineStage(*s) for s in stages]
+        tokens = result.tokens
+        if tokens.dim() != 2 or tokens.shape != result.confidence.shape:
+            raise ValueError("result must hold tokens and confidence of one shape [B, length]")
+        gens = _row_generators(generator, tokens.shape[0])
+        drawer = _TokenDrawer(self.mask_id, self.config.temperature, self.config.top_p, gens)
+        start = GenerationResult(tokens.clone(), result.draft_tokens, result.confidence.clone(),
+                                 result.draft_confidence, dict(result.remasked),
+                                 {k: dict(v) for k, v in result.nfe.items()}, dict(result.seconds),
+                                 result.lengths, result.prompt_length)
+        return self._run_stages(start, stages, gens, drawer, tokenizer, progress)
+
+    def _run_stages(self, result, stages, gens, drawer, tokenizer, progress):
+        """Apply stages to result.tokens / result.confidence in place, recording each stage."""
+        tokens, confidence, P, lengths = result.tokens, result.confidence, result.prompt_length, result.lengths
+        done = sum(1 for name in result.nfe if name.startswith("refine_"))
+        for i, stage in enumerate(stages, start=done + 1):
             name = f"refine_{i}"
             t0 = time.perf_counter()
-            nfe[name] = {}
-            remasked[name] = self._remask(tokens, confidence, P, lengths, stage, gens, nfe[name])
-            self._refine(tokens, confidence, P, stage, drawer, gens, nfe[name], progress)
-            seconds[name] = time.perf_counter() - t0
-
-        result = GenerationResult(tokens, draft_tokens, confidence, draft_confidence, remasked, nfe, seconds,
-                                  lengths, P)
+            result.nfe[name] = {}
+            result.remasked[name] = self._remask(tokens, confidence, P, lengths, stage, gens, result.nfe[name])
+            self._refine(tokens, confidence, P, stage, drawer, gens, result.nfe[name], progress)
+            result.seconds[name] = time.perf_counter() - t0
         if tokenizer is not None:
             result.text = [tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(tokens, lengths)]
-            result.draft_text = [tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(draft_tokens, lengths)]
+            result.draft_text = [tokenizer.decode(row[: int(n)].tolist())
+                                 for row, n in zip(result.draft_tokens, lengths)]
         return result
 
     __call__ = generate
@@ -583,6 +615,11 @@ class DiDSampler:
             confidence[tokens == self.mask_id] = float("inf")
         return idx
 
+    def _context_reuse(self, tokens, targets, counter):
+        if not hasattr(self.model, "refine_forward"):
+            raise ValueError("reuse_context needs a model with refine_forward (did_engine's BlockDiffusionLM)")
+        return _ContextReuse(self.model, targets, counter)
+
     def _refine(self, tokens, confidence, P, stage, drawer, gens, counter, progress):
         B, L = tokens.shape
         bs = stage.block_size
@@ -590,8 +627,12 @@ class DiDSampler:
             self._check_global(L)
             counter.setdefault("forward", 0)
             targets = tokens == self.mask_id
-            self._fill(tokens, confidence, targets, lambda x, **kw: self.model(x, **kw), drawer, counter, "forward",
-                       order=stage.order, steps=stage.steps, gens=gens)
+            if stage.reuse_context:  # it counts its full and partial forwards itself
+                logits_fn, fill_counter, kind = self._context_reuse(tokens, targets, counter), {"calls": 0}, "calls"
+            else:
+                logits_fn, fill_counter, kind = (lambda x, **kw: self.model(x, **kw)), counter, "forward"
+            self._fill(tokens, confidence, targets, logits_fn, drawer, fill_counter, kind, order=stage.order,
+                       steps=stage.steps, gens=gens)
             return
         cache = _CachedBlocks(self.model, B, max(self.model_length - bs, bs), counter)
         first = P // bs
@@ -606,6 +647,35 @@ class DiDSampler:
                            order=stage.order, steps=stage.steps, gens=gens)
             if e < L:
                 cache.commit(x)
+
+
+class _ContextReuse:
+    """The logits of a global refine stage with reuse_context: the first call is a full
+    global forward that stores every layer's K/V; later calls re-run only the stage's
+    remasked positions against them (counted as "partial" forwards)."""
+
+    def __init__(self, model, targets, counter):
+        B, L = targets.shape
+        self.model, self.counter = model, counter
+        self.context = model.new_kv_cache(B, max_len=L)
+        counts = targets.sum(-1)  # [B]
+        r = int(counts.max())
+        # Each row's remasked positions, ascending, then (padding) other positions whose
+        # queries are computed but whose K/V are never written: a row's result does not
+        # depend on how many positions the other rows remasked.
+        self.positions = torch.sort((~targets).to(torch.int8), dim=1, stable=True).indices[:, :r]  # [B, r]
+        self.write = torch.arange(r, device=targets.device)[None, :] < counts[:, None]  # [B, r]
+        self.started = False
+        counter.setdefault("partial", 0)
+
+    def __call__(self, x, logit_positions=None):
+        if not self.started:
+            self.started = True
+            self.counter["forward"] += 1
+            return self.model.refine_forward(x, self.context, logit_positions=logit_positions)
+        self.counter["partial"] += 1
+        need = None if logit_positions is None else logit_positions.gather(1, self.positions) & self.write
+        return self.model.refine_forward(x, self.context, self.positions, write=self.write, logit_positions=need)
 
 
 class _CachedBlocks:

@@ -194,6 +194,62 @@ def test_commit_and_decode_equals_commit_then_decode(overrides, block, n2):
         model.commit_and_decode(x0[:2, :block], xt[:2, :n2], fused)
 
 
+def test_refine_forward_full_pass_is_the_global_forward_and_partial_passes_reuse_it():
+    model = random_model(seed=7, time_conditioning=True)
+    B, L, mask_id = 3, 24, model.config.mask_id
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, mask_id, (B, L), generator=gen)
+    need = torch.rand(B, L, generator=gen) < 0.3
+    sigma = torch.rand(B, generator=gen)
+    positions = torch.stack([torch.randperm(L, generator=gen)[:5].sort().values for _ in range(B)])  # [B, 5]
+    with torch.no_grad():
+        context = model.new_kv_cache(B, max_len=L)
+        full = model.refine_forward(tokens, context, sigma=sigma)
+        torch.testing.assert_close(full, model(tokens, sigma=sigma), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.refine_forward(tokens, context, sigma=sigma, logit_positions=need),
+                                   full[need], atol=1e-5, rtol=1e-5)
+        # Nothing changed since the K/V were stored: a partial pass is exact.
+        part = model.refine_forward(tokens, context, positions, sigma=sigma)
+        torch.testing.assert_close(part, full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1])),
+                                   atol=1e-5, rtol=1e-5)
+        # Re-fill the chosen positions: layer 0's K/V depend on a token alone, so after the
+        # partial pass they equal a fresh full pass's everywhere; deeper layers keep the
+        # other positions' stale K/V (the approximation).
+        changed = tokens.scatter(1, positions, torch.randint(0, mask_id, positions.shape, generator=gen))
+        model.refine_forward(changed, context, positions, sigma=sigma)
+        fresh = model.new_kv_cache(B, max_len=L)
+        model.refine_forward(changed, fresh, sigma=sigma)
+        torch.testing.assert_close(context.k[0], fresh.k[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(context.v[0], fresh.v[0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(context.k[1], fresh.k[1], atol=1e-4)
+        # write=False rows are computed but leave the context alone (padding in the sampler).
+        before = context.k.clone()
+        model.refine_forward(changed, context, positions, write=torch.zeros_like(positions, dtype=torch.bool))
+        assert torch.equal(context.k, before)
+    with pytest.raises(ValueError, match="positions"):
+        model.refine_forward(tokens, context, positions + L)
+    with pytest.raises(ValueError, match="context"):
+        model.refine_forward(tokens, model.new_kv_cache(B, max_len=L - 1))
+
+
+def test_refine_forward_with_one_layer_is_exact_after_refills():
+    """With one layer every stored K/V depends on its own token only: re-running the re-filled
+    positions against the others' stored K/V is then the exact global forward."""
+    model = random_model(seed=9, n_blocks=1)
+    B, L, mask_id = 2, 24, model.config.mask_id
+    gen = torch.Generator().manual_seed(10)
+    tokens = torch.randint(0, mask_id + 1, (B, L), generator=gen)
+    positions = torch.stack([torch.randperm(L, generator=gen)[:7].sort().values for _ in range(B)])
+    with torch.no_grad():
+        context = model.new_kv_cache(B, max_len=L)
+        model.refine_forward(tokens, context)
+        changed = tokens.scatter(1, positions, torch.randint(0, mask_id, positions.shape, generator=gen))
+        part = model.refine_forward(changed, context, positions)
+        exact = model(changed)
+    torch.testing.assert_close(part, exact.gather(1, positions[..., None].expand(-1, -1, exact.shape[-1])),
+                               atol=1e-5, rtol=1e-5)
+
+
 # -- cache capacity and the sliding window -------------------------------------------------
 
 

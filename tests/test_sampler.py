@@ -397,3 +397,83 @@ def test_token_drawer_chunks_rows_without_changing_any_draw():
     shared.chunk_elements = 23 * 2
     tokens, _ = shared(logits.clone(), where)
     assert torch.equal(tokens, probs.argmax(-1))  # greedy, chunked
+
+
+def test_refine_a_finished_draft_equals_generating_with_the_stages():
+    model = tiny_model()
+    stages = [(None, 0.25, 3), (8, 0.5, 2)]
+    seeds = [3, 4, 5]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    whole = generate(model, 3, length=32, strategy="topk", stages=stages, generator=gens)
+    sampler = DiDSampler(model, SamplerConfig(length=32, strategy="topk", stages=[]))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    draft = sampler.generate(3, generator=gens)
+    kept = draft.tokens.clone()
+    refined = sampler.refine(draft, stages, generator=gens)  # the same generator objects, carried on
+    assert torch.equal(draft.tokens, kept) and list(draft.nfe) == ["draft"]  # the draft is left as it was
+    assert torch.equal(refined.tokens, whole.tokens) and torch.equal(refined.confidence, whole.confidence)
+    assert torch.equal(refined.draft_tokens, whole.draft_tokens)
+    assert refined.nfe == whole.nfe and list(refined.seconds) == ["draft", "refine_1", "refine_2"]
+    for name in ("refine_1", "refine_2"):
+        assert torch.equal(refined.remasked[name], whole.remasked[name])
+    again = sampler.refine(refined, [(None, 0.1, 1)])  # stages chain on: numbered after the earlier ones
+    assert list(again.nfe) == ["draft", "refine_1", "refine_2", "refine_3"]
+
+
+def test_refine_reusing_the_context_runs_one_full_forward_then_partial_ones():
+    model = tiny_model()
+    kwargs = dict(length=32, strategy="topk")
+    seeds = [1, 2, 3]
+    exact = generate(model, 3, stages=[(None, 0.25, 4)], generator=[torch.Generator().manual_seed(s) for s in seeds],
+                     **kwargs)
+    reuse = generate(model, 3, stages=[RefineStage(None, 0.25, 4, reuse_context=True)],
+                     generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    assert exact.nfe["refine_1"] == {"forward": 4}
+    assert reuse.nfe["refine_1"] == {"forward": 1, "partial": 3}
+    assert torch.equal(reuse.draft_tokens, exact.draft_tokens)
+    assert torch.equal(reuse.remasked["refine_1"], exact.remasked["refine_1"])
+    # Only remasked positions change; all of them are filled.
+    changed = reuse.tokens != reuse.draft_tokens
+    idx = reuse.remasked["refine_1"]
+    remasked = torch.zeros_like(changed).scatter_(1, idx.clamp(min=0), idx >= 0)
+    assert not (changed & ~remasked).any() and (reuse.tokens != model.mask_id).all()
+    # The first step is the exact one: with a single step both agree.
+    one = [generate(model, 3, stages=[RefineStage(None, 0.25, 1, reuse_context=flag)],
+                    generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs) for flag in (False, True)]
+    assert torch.equal(one[0].tokens, one[1].tokens)
+
+
+def test_reused_context_rows_do_not_depend_on_the_other_rows_remask_counts():
+    """Rows remask different numbers of positions (EOS stops, rounding); the shorter rows are
+    padded with positions whose K/V are never written, so each row's logits equal the row's
+    own, computed alone."""
+    from did_engine.sampler import _ContextReuse
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, model.mask_id, (3, 32), generator=gen)
+    targets = torch.zeros(3, 32, dtype=torch.bool)
+    targets[0, [3, 9]] = True
+    targets[1, [0, 5, 6, 20, 31]] = True  # row 2 remasks nothing
+    tokens[targets] = model.mask_id
+    refill = torch.randint(0, model.mask_id, (3, 32), generator=gen)
+    with torch.no_grad():
+        batch = _ContextReuse(model, targets, {"forward": 0})
+        batch(tokens, logit_positions=targets)
+        filled = torch.where(targets & (torch.arange(32) % 2 == 0), refill, tokens)  # a step fills some
+        still = filled == model.mask_id
+        packed = batch(filled, logit_positions=still)  # [M, V], rows in order
+        assert batch.counter == {"forward": 1, "partial": 1}
+        start = 0
+        for b in range(3):
+            alone = _ContextReuse(model, targets[b : b + 1], {"forward": 0})
+            alone(tokens[b : b + 1], logit_positions=targets[b : b + 1])
+            mine = alone(filled[b : b + 1], logit_positions=still[b : b + 1])
+            n = int(still[b].sum())
+            torch.testing.assert_close(packed[start : start + n], mine, atol=1e-5, rtol=1e-5)
+            start += n
+
+
+def test_reuse_context_needs_refine_forward():
+    table = random_table(L=12, V=9)
+    with pytest.raises(ValueError, match="refine_forward"):
+        generate(ToyDenoiser(table), 1, stages=[RefineStage(None, 0.5, 2, reuse_context=True)])
