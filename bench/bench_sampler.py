@@ -141,12 +141,14 @@ class Bench:
             costs[P] = once(self._draft_block(1, decode, after=decode), reps=1)
         return integrate(costs, -(-self.L // self.bs), self.bs)
 
-    def refine(self, B, full_steps: bool) -> float:
-        """The global refine stage: remask (op) + `steps` global forwards with their draws."""
+    def refine(self, B, full_steps: bool, reuse_context: bool = False) -> float:
+        """The global refine stage: remask (op) + `steps` global forwards with their draws
+        (reuse_context: one full forward, then partial ones; always run whole)."""
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, self.mask_id, (B, self.L))
         conf = torch.rand(B, self.L)
-        stage = RefineStage(None, self.ratio, self.steps if full_steps else 1)
+        full_steps = full_steps or reuse_context
+        stage = RefineStage(None, self.ratio, self.steps if full_steps else 1, reuse_context=reuse_context)
         drawer = _TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
         lengths = torch.full((B,), self.L)
 
@@ -165,16 +167,19 @@ def weight_bytes(model) -> int:
 
 
 def forward_floor_seconds(model, bs: int) -> float:
-    """One bs-token forward at batch 1 over an empty cache: the least a first-hitting step
-    costs, since every step runs one and each must read every weight."""
+    """One bs-token decode call at batch 1 over an empty cache, with logits at one position
+    (as a first-hitting step computes them): the least a first-hitting step costs, since
+    every step runs one and each must read every weight. Median of 9 after a warm-up."""
     cache = model.new_kv_cache(1, max_len=bs)
     x = torch.randint(0, model.mask_id, (1, bs))
+    one = torch.zeros(1, bs, dtype=torch.bool)
+    one[0, 0] = True
     times = []
-    for _ in range(6):
+    for _ in range(10):
         t0 = time.perf_counter()
-        model.decode(x, cache)
+        model.decode(x, cache, logit_positions=one)
         times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[2]
+    return sorted(times[1:])[4]
 
 
 def main(argv=None) -> int:
@@ -188,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=["estimate", "full"], default="estimate",
                         help="estimate: time blocks at 5 cache positions and integrate; full: whole generations")
     parser.add_argument("--no-baselines", action="store_true", help="skip the batch-1 baselines")
+    parser.add_argument("--reuse-context", action="store_true",
+                        help="also time the refine stage with reuse_context=True (approximate refinement)")
     parser.add_argument("--save", action="store_true", help="write bench/results/sampler_cpu_<date>.md")
     args = parser.parse_args(argv)
 
@@ -225,21 +232,29 @@ def main(argv=None) -> int:
                 split_s = bench.ours_draft(B, fused=False)
                 print(f"batch {B}: draft {draft_s:.1f} s (separate commit forwards: {split_s:.1f} s)", flush=True)
                 refine_s = bench.refine(B, full_steps=B * args.length <= 8192)
+            reuse_s = bench.refine(B, full_steps=True, reuse_context=True) if args.reuse_context else None
+            if reuse_s is not None:
+                print(f"batch {B}: refine with reused context {reuse_s:.1f} s", flush=True)
             tps = B * args.length / (draft_s + refine_s)
-            rows.append((B, draft_s, split_s, refine_s, tps))
+            rows.append((B, draft_s, split_s, refine_s, tps, reuse_s))
             print(f"batch {B}: draft {draft_s:.1f} s, refine {refine_s:.1f} s, {tps:.1f} tokens/s", flush=True)
 
     bd3 = baseline.get("BD3-LM")
+    reuse_cols = args.reuse_context
     lines = ["| batch | draft s | draft s, separate commits | refine s | refine / draft | ours tokens/s "
-             "| vs no cache (b=1) | vs BD3-LM (b=1) | draft-only tokens/s vs floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for B, d, split, r, tps in rows:
+             "| vs no cache (b=1) | vs BD3-LM (b=1) | draft-only tokens/s vs floor |"
+             + (" reused-context refine s | its refine / draft | its tokens/s |" if reuse_cols else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if reuse_cols else "")]
+    for B, d, split, r, tps, reuse in rows:
         draft_tps = B * args.length / d
+        reuse_cells = (f" {reuse:.1f} | {reuse / d:.2f} | {B * args.length / (d + reuse):.2f} |"
+                       if reuse is not None else "")
         lines.append(f"| {B} | {d:.1f} | " + (f"{split:.1f} ({split / d:.2f}x)" if split else "-")
                      + f" | {r:.1f} | {r / d:.2f} | {tps:.2f} | "
                      + (f"{tps / baseline['no cache']:.1f}x" if baseline else "-") + " | "
                      + (f"{tps / bd3:.1f}x" if bd3 else "-") + " | "
-                     + (f"{draft_tps:.2f} = floor / {floor_tps / draft_tps:.2f}" if B == 1 else "-") + " |")
+                     + (f"{draft_tps:.2f} = floor / {floor_tps / draft_tps:.2f}" if B == 1 else "-") + " |"
+                     + reuse_cells)
     table = "\n".join(lines)
     print()
     if baseline:
