@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
+from did_engine.cli import HelpFormatter
 from did_engine.evaluate import (EvalConfig, write_outputs, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
                                  build_report, describe_sampler, evaluate_model, load_judge_from_args,
                                  load_model_and_tokenizer, markdown_table, metric_cells, protocol_line,
@@ -341,8 +342,6 @@ def cmd_ablate(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from did_engine.cli import HelpFormatter
-
     p = subparsers.add_parser(
         "ablate", formatter_class=HelpFormatter,
         help="the DiD paper's ablations and the quality-speed Pareto frontier on one model",

@@ -126,7 +126,7 @@ def sampler_config_from_args(args):
 
     stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
     if getattr(args, "reuse_context", False):
-        stages = [dataclasses.replace(s, reuse_context=True) for s in stages]
+        stages = [dataclasses.replace(s, reuse_context=True) if s.block_size is None else s for s in stages]
     return SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
                          tokens_per_step=args.tokens_per_step, threshold=args.threshold, stages=stages,
                          remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,

@@ -53,6 +53,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from did_engine.cli import HelpFormatter
+
 SEED_STRIDE = 1_000_000
 
 
@@ -864,8 +866,6 @@ def cmd_eval(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from did_engine.cli import HelpFormatter
-
     from did_engine.cli import add_sampler_options
 
     p = subparsers.add_parser(

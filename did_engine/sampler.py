@@ -271,7 +271,8 @@ def _draw(weights: torch.Tensor, generator) -> torch.Tensor:
     """One sample per row of weights [m, C] (float64, need not sum to 1) by an exponential
     race, argmax w / E with E ~ Exp(1): BD3-LM's float64 Gumbel-max draw."""
     u = torch.rand(weights.shape, dtype=torch.float64, device=weights.device, generator=generator)
-    return (weights / -torch.log(u.clamp_min(1e-300))).argmax(-1)
+    race = u.clamp_min_(1e-300).log_().neg_()  # E = -log(u), in place: these rows span the vocabulary
+    return torch.div(weights, race, out=race).argmax(-1)
 
 
 def _sample_tokens(probs: torch.Tensor, top_p: float, rows: torch.Tensor, generators) -> torch.Tensor:
@@ -313,9 +314,15 @@ class _TokenDrawer:
             if self.temperature == 0:
                 tok = lg.argmax(-1)
             else:
-                probs = torch.softmax(lg.double() / self.temperature, dim=-1)
+                scaled = lg.double() if self.temperature == 1 else lg.double() / self.temperature
+                probs = torch.softmax(scaled, dim=-1)
+                del scaled
                 tok = _sample_tokens(probs, self.top_p, rows[start:end], self.generators)
+                del probs
             tokens[start:end] = tok
+            # The model's probability of the token (temperature 1). A full softmax, not a
+            # log-sum-exp: torch may split a reduction over the vocabulary across threads
+            # when there are few rows, which would make a row's value depend on the others.
             confidence[start:end] = torch.softmax(lg, dim=-1).gather(-1, tok[:, None])[:, 0]
         return tokens, confidence
 
@@ -638,6 +645,9 @@ class DiDSampler:
             self._fill(tokens, confidence, targets, logits_fn, drawer, fill_counter, kind, order=stage.order,
                        steps=stage.steps, gens=gens)
             return
+        if stage.reuse_context:
+            raise ValueError(f"reuse_context applies to global refine stages; this stage's block size {bs} is "
+                             f"shorter than the sequence ({L})")
         cache = _CachedBlocks(self.model, B, max(self.model_length - bs, bs), counter)
         first = P // bs
         if first:

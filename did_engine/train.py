@@ -45,6 +45,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from did_engine.checkpoint import atomic_write_bytes, atomic_write_json
+from did_engine.cli import HelpFormatter
 from did_engine.diffusion import SCHEDULES, draw_block_noise, get_schedule, nelbo_terms
 from did_engine.model import PRESETS, BlockDiffusionLM
 
@@ -1119,8 +1120,6 @@ DESCRIPTION = ("Train (or fine-tune) a block diffusion LM with mix-scale block s
 
 
 def add_parser(subparsers) -> None:
-    from did_engine.cli import HelpFormatter
-
     p = subparsers.add_parser("train", help="mix-scale block diffusion training (DDP under torchrun)",
                               description=DESCRIPTION, formatter_class=HelpFormatter)
     configure_parser(p)

@@ -35,6 +35,16 @@ def test_json_generation_with_a_preset(capsys):
     assert out["settings"]["seed"] == 3 and out["settings"]["stages"][0]["remask_ratio"] == 0.5
 
 
+def test_reuse_context_option_applies_to_global_stages(capsys):
+    code = main(["generate", "--model", "preset:tiny", "--length", "16", "--stage", "global:0.5:3", "--stage",
+                 "4:0.25:2", "--reuse-context", "--json", "--seed", "1"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["nfe"]["refine_1"] == {"forward": 1, "partial": 2}  # global: reused context
+    assert "partial" not in out["nfe"]["refine_2"]  # a block-4 stage is left exact
+    assert [s["reuse_context"] for s in out["settings"]["stages"]] == [True, False]
+
+
 def test_text_output_shows_draft_refined_and_table(capsys):
     assert main(["generate", "--model", "preset:tiny", "--length", "12", "--no-progress"]) == 0
     text = capsys.readouterr().out

@@ -274,7 +274,7 @@ def test_eval_cli_writes_json_and_markdown(model_dir, judge_dir, tmp_path, capsy
     assert report["config"]["seeds"] == [0, 1] and report["config"]["num_samples_per_seed"] == 2
     assert report["config"]["sampler"]["remask_policy"] == "posthoc"
     assert report["config"]["sampler"]["stages"] == [{"block_size": None, "remask_ratio": 0.5, "steps": 2,
-                                                      "order": "confidence"}]
+                                                      "order": "confidence", "reuse_context": False}]
     assert report["config"]["rejection"]["threshold"] == 0.5
     m = report["metrics"]
     assert m["samples"] == 4 and len(m["per_sample"]) == 4

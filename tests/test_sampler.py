@@ -473,7 +473,12 @@ def test_reused_context_rows_do_not_depend_on_the_other_rows_remask_counts():
             start += n
 
 
-def test_reuse_context_needs_refine_forward():
+def test_reuse_context_needs_refine_forward_and_a_global_stage():
     table = random_table(L=12, V=9)
     with pytest.raises(ValueError, match="refine_forward"):
         generate(ToyDenoiser(table), 1, stages=[RefineStage(None, 0.5, 2, reuse_context=True)])
+    with pytest.raises(ValueError, match="global"):
+        generate(tiny_model(), 1, length=16, stages=[RefineStage(8, 0.5, 2, reuse_context=True)])
+    # A block covering the whole sequence is a global stage.
+    result = generate(tiny_model(), 1, length=16, stages=[RefineStage(16, 0.5, 2, reuse_context=True)])
+    assert result.nfe["refine_1"] == {"forward": 1, "partial": 1}

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from did_engine.cli import HelpFormatter
 from did_engine.data.format import MANIFEST_NAME, TOKENIZER_NAME, wrap_documents, write_manifest, write_split
 from did_engine.data.sources import (
     BUILTIN_SOURCES, CACHE_ENV, DEFAULT_SOURCES, Document, LineDeduplicator, SourceUnavailable, clean_document,
@@ -270,8 +271,6 @@ _DESCRIPTION = ("Build a token dataset: read the sources (the default corpus is 
 
 def add_parser(subparsers) -> None:
     """Adds `data` with its `prepare` subcommand to the did-engine command line."""
-    from did_engine.cli import HelpFormatter
-
     data = subparsers.add_parser("data", help="prepare token datasets", description="Token datasets.")
     commands = data.add_subparsers(dest="data_command", required=True)
     prep = commands.add_parser("prepare", help="build a token dataset from text sources", description=_DESCRIPTION,
