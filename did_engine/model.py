@@ -541,7 +541,7 @@ class BlockDiffusionLM(nn.Module):
             raise ValueError(f"context must hold batch {B} x {L} tokens, got batch {context.batch_size} x "
                              f"{context.capacity}")
         if positions is None:
-            rows, where = tokens, torch.arange(L, device=tokens.device)[None].expand(B, L)
+            rows, where = tokens, torch.arange(L, device=tokens.device)[None]  # [1, L]: shared by every row
         else:
             if positions.dim() != 2 or positions.shape[0] != B or positions.dtype != torch.int64:
                 raise ValueError(f"positions must be int64 [B={B}, r], got {tuple(positions.shape)} {positions.dtype}")
@@ -551,10 +551,10 @@ class BlockDiffusionLM(nn.Module):
             if positions.shape[1] == 0:  # nothing to re-run
                 V = self.config.vocab_size
                 return tokens.new_zeros((0, V) if logit_positions is not None else (B, 0, V), dtype=self.dtype)
-        if write is not None and write.shape != where.shape:
-            raise ValueError(f"write must be a bool tensor of the positions' shape {tuple(where.shape)}")
-        cos, sin = self.rotary_emb.cos_sin(where)  # [B, S, 1, D/2]
-        batch_index = torch.arange(B, device=tokens.device)[:, None].expand_as(where)
+        if write is not None and (positions is None or write.shape != positions.shape):
+            raise ValueError("write must be a bool tensor of the positions' shape (and comes with positions)")
+        cos, sin = self.rotary_emb.cos_sin(where)  # [B or 1, S, 1, D/2]
+        batch_index = torch.arange(B, device=tokens.device)[:, None].expand_as(where) if positions is not None else None
 
         def attend_for_layer(i):
             def attend(q, k, v):

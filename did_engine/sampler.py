@@ -29,7 +29,9 @@ chain. A global stage with ``reuse_context=True`` (approximate) runs its first s
 full forward that stores every layer's K/V and its later steps over the remasked positions
 only, against the stored K/V of the rest (``model.refine_forward``); a step then costs
 about ``remask_ratio`` of a full one. ``DiDSampler.refine`` applies stages to a finished
-generation, to compare refinement settings on the same drafts. Baselines through the same API: ``SamplerConfig.bd3lm()`` (first-hitting draft, no
+generation, to compare refinement settings on the same drafts.
+
+Baselines through the same API: ``SamplerConfig.bd3lm()`` (first-hitting draft, no
 refinement) and ``method="mdlm"`` (global sampling from an all-mask sequence).
 
 Token sampling follows BD3-LM: SUBS (the mask token is never predicted), temperature,
