@@ -25,20 +25,13 @@ import time
 
 import torch
 
+from did_engine.ablation import _parse_list
 from did_engine.cli import _load_model, start_ids
 from did_engine.evaluate import Judge, gen_ppl_summary, sample_seed, unigram_entropy
 from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import machine_description  # noqa: E402
-
-
-def _floats(text):
-    return [float(t) for t in text.split(",")]
-
-
-def _ints(text):
-    return [int(t) for t in text.split(",")]
 
 
 def main(argv=None) -> int:
@@ -48,8 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="drafts (one batch)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; sample i draws from seed * 1e6 + i")
     parser.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's context)")
-    parser.add_argument("--ratios", type=_floats, default=[0.1, 0.25], help="remask ratios, comma-separated")
-    parser.add_argument("--steps", type=_ints, default=[1, 2, 4, 8, 16], help="global refine step counts")
+    parser.add_argument("--ratios", type=_parse_list(float), default=[0.1, 0.25], help="remask ratios, comma-separated")
+    parser.add_argument("--steps", type=_parse_list(int), default=[1, 2, 4, 8, 16], help="global refine step counts")
     parser.add_argument("--reuse-context", action="store_true",
                         help="also run every multi-step configuration with reuse_context=True (approximate: "
                              "one full forward, then only the remasked positions re-run)")
