@@ -18,13 +18,15 @@ import tempfile
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from did_engine.errors import UserError
+
 FORMAT = "did_engine"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not match the model it is loaded into."""
 
 

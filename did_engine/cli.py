@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from did_engine.errors import UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,7 +42,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user mistake: printed as one line, exit status 2."""
 
 

@@ -54,11 +54,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from did_engine.cli import HelpFormatter
+from did_engine.errors import UserError
 
 SEED_STRIDE = 1_000_000
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A user-facing evaluation error (printed as one line by the CLI)."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from did_engine.checkpoint import atomic_write_bytes, atomic_write_json
+from did_engine.errors import UserError
 
 FORMAT = "did_engine.tokens"
 FORMAT_VERSION = 1
@@ -36,7 +37,7 @@ TOKENIZER_NAME = "tokenizer.json"
 SPLITS = ("train", "validation")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A token dataset that is missing, damaged or does not fit the model."""
 
 
