@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
-from did_engine.cli import HelpFormatter
+from did_engine.cli import HelpFormatter, finite_float
 from did_engine.evaluate import (EvalConfig, write_outputs, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
                                  build_report, describe_sampler, evaluate_model, load_judge_from_args,
                                  load_model_and_tokenizer, markdown_table, metric_cells, protocol_line,
@@ -359,7 +359,7 @@ def add_parser(subparsers) -> None:
                    help="refine block sizes of the block group; L = the whole sequence")
     a.add_argument("--ratios", type=_parse_list(float), default=[0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
                    help="remask ratios of the ratio group")
-    a.add_argument("--ratio", type=float, default=0.25, help="remask ratio of every other group")
+    a.add_argument("--ratio", type=finite_float, default=0.25, help="remask ratio of every other group")
     a.add_argument("--refine-steps", type=int, default=8,
                    help="model calls per refine block (0: one token per call)")
     a.add_argument("--topk", type=_parse_list(int), default=[2, 4], help="tokens per step of the speed group's "

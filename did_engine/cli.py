@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -40,6 +41,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or re.search(r"\bdefault(:|\s|\))", text, re.IGNORECASE):
             return text
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)``, exit status
+    2, instead of the usage block (which runs to a dozen lines for ``generate``)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class CLIError(UserError):
@@ -79,6 +88,27 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    """A float that is not NaN or infinite (a NaN temperature would make every token 0)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
 def start_ids(tokenizer, no_bos: bool) -> list:
     """[BOS] when the tokenizer has one: every training sequence starts with it (BD3-LM's
     wrapping), so samples do too, as in BD3-LM's sampler; [] with no_bos or no tokenizer."""
@@ -98,7 +128,7 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, top_p_and_temperatur
                        help="which masked positions each draft step fills: one uniformly chosen (BD3-LM), "
                             "the k most confident, or all above a threshold")
     draft.add_argument("--tokens-per-step", type=positive_int, default=2, help="k of the topk strategy")
-    draft.add_argument("--threshold", type=float, default=0.9, help="tau of the threshold strategy")
+    draft.add_argument("--threshold", type=finite_float, default=0.9, help="tau of the threshold strategy")
     draft.add_argument("--mdlm-steps", type=positive_int, default=None, help="model calls of the mdlm method "
                                                                              "(default: one per token)")
     refine = parser.add_argument_group("refinement")
@@ -116,9 +146,9 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, top_p_and_temperatur
                              "probability under a re-scoring forward, or random")
     samp = parser.add_argument_group("sampling")
     if top_p_and_temperature:
-        samp.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-        samp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
-    samp.add_argument("--eos-id", type=int, default=None, help="end-of-sequence token id")
+        samp.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass")
+        samp.add_argument("--temperature", type=finite_float, default=1.0, help="softmax temperature (0: greedy)")
+    samp.add_argument("--eos-id", type=nonnegative_int, default=None, help="end-of-sequence token id")
     samp.add_argument("--stop-at-eos", action="store_true", help="end each sample at its first EOS")
 
 
@@ -137,7 +167,7 @@ def sampler_config_from_args(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="did-engine", description="Block diffusion LMs with the DiD sampler.")
+    parser = ArgumentParser(prog="did-engine", description="Block diffusion LMs with the DiD sampler.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(
@@ -162,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--no-bos", action="store_true",
                     help="do not start samples (and --prompt) with the tokenizer's BOS token; by default they "
                          "do, as every training sequence does")
-    io.add_argument("--length", type=int, default=None, help="tokens per sample including the prompt "
+    io.add_argument("--length", type=positive_int, default=None, help="tokens per sample including the prompt "
                                                               "(default: the model's context length)")
-    io.add_argument("--batch", type=int, default=1, help="samples generated together")
+    io.add_argument("--batch", type=positive_int, default=1, help="samples generated together")
     io.add_argument("--json", action="store_true", help="print one JSON object instead of text and a table")
     io.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_sampler_options(gen)
@@ -279,7 +309,7 @@ def main(argv=None) -> int:
         if hasattr(args, "run"):
             return args.run(args)
         return cmd_generate(args)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
+    except UserError as exc:  # only the user's mistakes: a bug keeps its traceback
         print(f"did-engine: error: {exc}", file=sys.stderr)
         return 2
 

@@ -33,8 +33,10 @@ unigram entropy below 4 nats is degenerate (repetitive); it is discarded and dra
 (BD3-LM gives up after 10 attempts; here the last draw is kept and counted).
 
 **Seeds.** Sample i of base seed s is drawn with its own ``torch.Generator`` seeded with
-``s * 1_000_000 + i`` (``sample_seed``), so a sample does not depend on the batch size
-it was generated in, and redraws continue that generator.
+``s * 1_000_000 + i`` (``sample_seed``), and redraws continue that generator, so the
+sampler makes a sample independent of the batch it was generated in. Its logits are
+only as batch-independent as the BLAS: a batched matmul may round differently from a
+single-row one (~1e-6), which can flip a draw at a near tie (see did_engine.sampler).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from did_engine.cli import HelpFormatter
+from did_engine.cli import HelpFormatter, finite_float
 from did_engine.errors import UserError
 
 SEED_STRIDE = 1_000_000
@@ -763,13 +765,13 @@ def add_common_options(p: argparse.ArgumentParser, default_samples: int):
                      help="token ids every sample starts with (default: the tokenizer's BOS, as in training)")
     smp.add_argument("--no-bos", action="store_true",
                      help="without --prompt-ids, start samples from nothing instead of the BOS token")
-    smp.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    smp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: greedy)")
+    smp.add_argument("--top-p", type=finite_float, default=0.9, help="nucleus sampling mass")
+    smp.add_argument("--temperature", type=finite_float, default=1.0, help="softmax temperature (0: greedy)")
     smp.add_argument("--reject-low-entropy", action="store_true",
                      help="BD3-LM's rule: redraw samples whose last --entropy-window tokens have unigram "
                           "entropy below --entropy-threshold nats")
     smp.add_argument("--entropy-window", type=_positive, default=256, help="tokens the rejection rule looks at")
-    smp.add_argument("--entropy-threshold", type=float, default=4.0, help="rejection threshold in nats")
+    smp.add_argument("--entropy-threshold", type=finite_float, default=4.0, help="rejection threshold in nats")
     smp.add_argument("--max-redraws", type=int, default=10, help="redraws per sample before keeping the last")
     smp.add_argument("--keep-texts", action="store_true", help="put every sample's text into the JSON report")
     out = p.add_argument_group("output")

@@ -42,25 +42,63 @@ quantity and differ only in *when* it is measured.
 
 Randomness and batching: pass ``generator`` as one ``torch.Generator`` (all rows draw from
 it) or as a list with one generator per row. With per-row generators, each row consumes
-only its own generator and its step schedule depends only on its own state, so a row
-generated in a batch equals the same row generated alone from the same generator state,
-as long as the model's batched arithmetic is row-independent (true for did_engine's
-kernels; a BLAS may round a batched matmul differently from a single-row one, which can
-flip a near-tie draw).
+only its own generator and its step schedule, remask count and padding depend only on its
+own state, so a row generated in a batch equals the same row generated alone from the same
+generator state, bit for bit, as long as the model's batched arithmetic is row-independent.
+did_engine's kernels are; a BLAS may round a batched matmul differently from a single-row
+one (MKL does, by ~1e-6), which can flip a draw where two candidates nearly tie. The same
+inputs, batch size, thread count and machine always reproduce exactly.
+
+Bad settings (a NaN temperature, length 0, an id outside the vocabulary, a length a global
+stage cannot take, ...) raise ``did_engine.errors.UserError`` naming the setting, before any
+model call.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from did_engine import ops
+from did_engine.errors import UserError
 
 DRAFT_STRATEGIES = ("first_hitting", "topk", "threshold")
 REMASK_POLICIES = ("snapshot", "posthoc", "random")
 METHODS = ("did", "mdlm")
+
+
+def _check_int(name: str, value, minimum: int, none_ok: bool = False) -> None:
+    """value must be an int >= minimum (not a bool, not a float that int() would truncate)."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserError(f"{name} must be an integer{' or None' if none_ok else ''}, got {value!r}")
+    if value < minimum:
+        raise UserError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value, low: float, high: float | None, low_open: bool = False) -> None:
+    """value must be a finite real number in [low, high] ((low, high] with low_open; no upper
+    bound with high None): NaN and infinities are refused, as a NaN temperature would
+    silently turn every draw into token 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        raise UserError(f"{name} must be in {interval}, got {value}")
+
+
+def _as_stage(stage) -> "RefineStage":
+    if isinstance(stage, RefineStage):
+        return stage
+    if not isinstance(stage, (list, tuple)) or not 1 <= len(stage) <= 3:
+        raise UserError(f"a refinement stage must be a RefineStage or a (block_size, remask_ratio, steps) tuple, "
+                        f"got {stage!r}")
+    return RefineStage(*stage)
 
 
 @dataclass
@@ -78,14 +116,13 @@ class RefineStage:
     reuse_context: bool = False
 
     def __post_init__(self):
-        if not 0.0 <= self.remask_ratio <= 1.0:
-            raise ValueError(f"remask_ratio must be in [0, 1], got {self.remask_ratio}")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"refine block_size must be >= 1 or None, got {self.block_size}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"refine steps must be >= 1 or None, got {self.steps}")
+        _check_int("refine block_size", self.block_size, 1, none_ok=True)
+        _check_number("remask_ratio", self.remask_ratio, 0.0, 1.0)
+        _check_int("refine steps", self.steps, 1, none_ok=True)
         if self.order not in ("confidence", "random"):
-            raise ValueError(f"refine order must be 'confidence' or 'random', got {self.order!r}")
+            raise UserError(f"refine order must be 'confidence' or 'random', got {self.order!r}")
+        if not isinstance(self.reuse_context, bool):
+            raise UserError(f"reuse_context must be True or False, got {self.reuse_context!r}")
 
 
 @dataclass
@@ -108,23 +145,30 @@ class SamplerConfig:
     mask_id: int | None = None  # None: the model's mask_id
 
     def __post_init__(self):
-        self.stages = [s if isinstance(s, RefineStage) else RefineStage(*s) for s in self.stages]
+        if not isinstance(self.stages, (list, tuple)):
+            raise UserError(f"stages must be a list of RefineStage or (block_size, remask_ratio, steps) tuples, "
+                            f"got {type(self.stages).__name__}")
+        self.stages = [_as_stage(s) for s in self.stages]
         if self.strategy not in DRAFT_STRATEGIES:
-            raise ValueError(f"strategy must be one of {DRAFT_STRATEGIES}, got {self.strategy!r}")
+            raise UserError(f"strategy must be one of {DRAFT_STRATEGIES}, got {self.strategy!r}")
         if self.remask_policy not in REMASK_POLICIES:
-            raise ValueError(f"remask_policy must be one of {REMASK_POLICIES}, got {self.remask_policy!r}")
+            raise UserError(f"remask_policy must be one of {REMASK_POLICIES}, got {self.remask_policy!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.block_size < 1 or self.tokens_per_step < 1:
-            raise ValueError("block_size and tokens_per_step must be >= 1")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+            raise UserError(f"method must be one of {METHODS}, got {self.method!r}")
+        # length 0 is refused, not read as "the model's context" (None says that).
+        _check_int("length", self.length, 1, none_ok=True)
+        _check_int("block_size", self.block_size, 1)
+        _check_int("tokens_per_step", self.tokens_per_step, 1)
+        _check_int("mdlm_steps", self.mdlm_steps, 1, none_ok=True)
+        _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_number("temperature", self.temperature, 0.0, None)
+        _check_number("threshold", self.threshold, 0.0, 1.0)
+        _check_int("eos_id", self.eos_id, 0, none_ok=True)
+        _check_int("mask_id", self.mask_id, 0, none_ok=True)
+        if not isinstance(self.stop_at_eos, bool):
+            raise UserError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
         if self.stop_at_eos and self.eos_id is None:
-            raise ValueError("stop_at_eos needs eos_id")
+            raise UserError("stop_at_eos needs eos_id")
 
     @classmethod
     def bd3lm(cls, **overrides) -> "SamplerConfig":
@@ -195,7 +239,7 @@ def _row_generators(generator, batch_size: int):
         return generator
     gens = list(generator)
     if len(gens) != batch_size or not all(isinstance(g, torch.Generator) for g in gens):
-        raise ValueError(f"generator must be a torch.Generator or a list of {batch_size} of them")
+        raise UserError(f"generator must be a torch.Generator or a list of {batch_size} of them")
     return gens
 
 
@@ -388,9 +432,20 @@ class DiDSampler:
         self.model = model
         self.config = config if config is not None else SamplerConfig(**overrides)
         if config is not None and overrides:
-            raise ValueError("pass either a SamplerConfig or keyword overrides, not both")
+            raise UserError("pass either a SamplerConfig or keyword overrides, not both")
         self.mask_id = self.config.mask_id if self.config.mask_id is not None else int(model.mask_id)
         self.model_length = int(model.config.model_length)
+        # Models that state their vocabulary get their token ids checked against it.
+        self.vocab_size = getattr(model.config, "vocab_size", None)
+        if self.vocab_size is not None:
+            self.vocab_size = int(self.vocab_size)
+            if not 0 <= self.mask_id < self.vocab_size:
+                raise UserError(f"mask_id {self.mask_id} is outside the model's vocabulary [0, {self.vocab_size})")
+            if self.config.eos_id is not None and self.config.eos_id >= self.vocab_size:
+                raise UserError(f"eos_id {self.config.eos_id} is outside the model's vocabulary "
+                                f"[0, {self.vocab_size})")
+        if self.config.eos_id is not None and self.config.eos_id == self.mask_id:
+            raise UserError(f"eos_id {self.config.eos_id} is the mask token's id")
 
     # -- public -------------------------------------------------------------------------
 
@@ -399,14 +454,17 @@ class DiDSampler:
                  progress: bool = False) -> GenerationResult:
         cfg = self.config
         device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else torch.device("cpu")
+        _check_int("batch_size", batch_size, 1)
         prompt = self._check_prompt(prompt, batch_size, device)
         batch_size = prompt.shape[0] if prompt is not None else batch_size
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         P = 0 if prompt is None else prompt.shape[1]
-        length = cfg.length or self.model_length
+        length = cfg.length if cfg.length is not None else self.model_length
         if length <= P:
-            raise ValueError(f"length {length} leaves no room to generate after a prompt of {P} tokens")
+            raise UserError(f"length {length} leaves no room to generate after a prompt of {P} tokens")
+        # Everything the stages will need is checked now, not after minutes of drafting.
+        if cfg.method == "mdlm":
+            self._check_global(length)
+        self._check_stages(cfg.stages, length)
         gens = _row_generators(generator, batch_size)
         drawer = _TokenDrawer(self.mask_id, cfg.temperature, cfg.top_p, gens)
 
@@ -420,7 +478,6 @@ class DiDSampler:
         t0 = time.perf_counter()
         if cfg.method == "mdlm":
             nfe["draft"] = {"forward": 0}
-            self._check_global(length)
             targets = tokens == self.mask_id
             self._fill(tokens, confidence, targets, lambda x, **kw: self.model(x, **kw), drawer, nfe["draft"], "forward",
                        order="random", steps=cfg.mdlm_steps, gens=gens, progress=progress)
@@ -445,10 +502,11 @@ class DiDSampler:
         same generator objects are passed on (they carry the draws' state).
         """
         stages = self.config.stages if stages is None else [
-            s if isinstance(s, RefineStage) else RefineStage(*s) for s in stages]
+            _as_stage(s) for s in stages]
         tokens = result.tokens
         if tokens.dim() != 2 or tokens.shape != result.confidence.shape:
-            raise ValueError("result must hold tokens and confidence of one shape [B, length]")
+            raise UserError("result must hold tokens and confidence of one shape [B, length]")
+        self._check_stages(stages, tokens.shape[1])
         gens = _row_generators(generator, tokens.shape[0])
         drawer = _TokenDrawer(self.mask_id, self.config.temperature, self.config.top_p, gens)
         start = GenerationResult(tokens.clone(), result.draft_tokens, result.confidence.clone(),
@@ -481,21 +539,36 @@ class DiDSampler:
     def _check_prompt(self, prompt, batch_size, device):
         if prompt is None:
             return None
-        prompt = torch.as_tensor(prompt, dtype=torch.int64, device=device)
+        prompt = torch.as_tensor(prompt, device=device)
+        # Float ids would be truncated silently by a cast: refuse them (and bools).
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise UserError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+        prompt = prompt.to(torch.int64)
         if prompt.dim() == 1:
             prompt = prompt[None]
         # A [R, P] prompt sets the batch (batch_size left at 1) or is one row shared by every row.
         if prompt.dim() != 2 or prompt.shape[0] not in (1, batch_size) and batch_size != 1:
-            raise ValueError(f"prompt must be [P] or [batch_size={batch_size}, P] token ids, got {tuple(prompt.shape)}")
+            raise UserError(f"prompt must be [P] or [batch_size={batch_size}, P] token ids, got {tuple(prompt.shape)}")
         if prompt.shape[0] == 1:
             prompt = prompt.expand(batch_size, -1)
-        if prompt.numel() and (prompt.min() < 0 or prompt.max() >= self.mask_id):
-            raise ValueError(f"prompt token ids must be in [0, {self.mask_id}) (the mask id is {self.mask_id})")
+        vocab = self.vocab_size if self.vocab_size is not None else self.mask_id + 1
+        if prompt.numel() and (prompt.min() < 0 or prompt.max() >= vocab or (prompt == self.mask_id).any()):
+            raise UserError(f"prompt token ids must be in [0, {vocab}) and not the mask id {self.mask_id}")
         return prompt.contiguous()
+
+    def _check_stages(self, stages, length):
+        for i, stage in enumerate(stages, start=1):
+            if stage.block_size is None or stage.block_size >= length:
+                self._check_global(length)
+                if stage.reuse_context and not hasattr(self.model, "refine_forward"):
+                    raise UserError("reuse_context needs a model with refine_forward (did_engine's BlockDiffusionLM)")
+            elif stage.reuse_context:
+                raise UserError(f"reuse_context applies to global refine stages; stage {i}'s block size "
+                                f"{stage.block_size} is shorter than the sequence ({length})")
 
     def _check_global(self, length):
         if length > self.model_length:
-            raise ValueError(f"a global block over {length} tokens exceeds the model's context of "
+            raise UserError(f"a global block over {length} tokens exceeds the model's context of "
                              f"{self.model_length}; use a refine block_size <= {self.model_length}")
 
     # -- the unmasking loop ---------------------------------------------------------------
@@ -628,28 +701,19 @@ class DiDSampler:
             confidence[tokens == self.mask_id] = float("inf")
         return idx
 
-    def _context_reuse(self, tokens, targets, counter):
-        if not hasattr(self.model, "refine_forward"):
-            raise ValueError("reuse_context needs a model with refine_forward (did_engine's BlockDiffusionLM)")
-        return _ContextReuse(self.model, targets, counter)
-
     def _refine(self, tokens, confidence, P, stage, drawer, gens, counter, progress):
         B, L = tokens.shape
         bs = stage.block_size
-        if bs is None or bs >= L:
-            self._check_global(L)
+        if bs is None or bs >= L:  # global (checked against the context by _check_stages)
             counter.setdefault("forward", 0)
             targets = tokens == self.mask_id
             if stage.reuse_context:  # it counts its full and partial forwards itself
-                logits_fn, fill_counter, kind = self._context_reuse(tokens, targets, counter), {"calls": 0}, "calls"
+                logits_fn, fill_counter, kind = _ContextReuse(self.model, targets, counter), {"calls": 0}, "calls"
             else:
                 logits_fn, fill_counter, kind = (lambda x, **kw: self.model(x, **kw)), counter, "forward"
             self._fill(tokens, confidence, targets, logits_fn, drawer, fill_counter, kind, order=stage.order,
                        steps=stage.steps, gens=gens)
             return
-        if stage.reuse_context:
-            raise ValueError(f"reuse_context applies to global refine stages; this stage's block size {bs} is "
-                             f"shorter than the sequence ({L})")
         cache = _CachedBlocks(self.model, B, max(self.model_length - bs, bs), counter)
         first = P // bs
         if first:
@@ -744,6 +808,6 @@ def generate(model, batch_size: int = 1, prompt=None, *, generator=None, tokeniz
                             generator=torch.Generator().manual_seed(0))
     """
     if config is not None and options:
-        raise ValueError("pass either config= or SamplerConfig options, not both")
+        raise UserError("pass either config= or SamplerConfig options, not both")
     sampler = DiDSampler(model, config or SamplerConfig(**options))
     return sampler.generate(batch_size, prompt=prompt, generator=generator, tokenizer=tokenizer, progress=progress)

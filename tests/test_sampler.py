@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from did_engine.model import BlockDiffusionLM, ModelConfig
+from did_engine.errors import UserError
 from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, generate
 
 
@@ -185,16 +187,134 @@ def test_same_seed_same_tokens_and_another_seed_differs():
     assert not torch.equal(a.tokens, c.tokens)
 
 
-@pytest.mark.parametrize("strategy", ["first_hitting", "topk", "threshold"])
-def test_a_row_in_a_batch_equals_the_row_alone_with_its_generator(strategy):
-    model = tiny_model()
-    kwargs = dict(length=32, strategy=strategy, threshold=0.5, stages=[(None, 0.25, 4)])
+class RowByRow(torch.nn.Module):
+    """The same model computed one batch row at a time, each row in fresh tensors.
+
+    Its forwards are row-independent by construction: a row's logits are computed by the
+    same calls, on tensors of the same shapes, whatever else is in the batch. (The plain
+    batched model is row-independent only as far as the BLAS is: MKL rounds a 1-row matmul
+    differently from a 3-row one.) Padding that the sampler adds for other rows' sake (the
+    reused-context positions beyond a row's own count) is trimmed, as it never yields logits.
+    """
+
+    supports_logit_positions = True
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.mask_id, self.config = model, model.mask_id, model.config
+        self.supports_commit_and_decode = model.supports_commit_and_decode
+
+    @staticmethod
+    def _row(t, b):
+        return None if t is None else t[b:b + 1].clone()
+
+    def _rows(self, B, call, logit_positions):
+        out = [call(b, self._row(logit_positions, b)) for b in range(B)]
+        return torch.cat(out) if logit_positions is not None else torch.cat(out, 0)
+
+    def new_kv_cache(self, batch_size, max_len=None):
+        return [self.inner.new_kv_cache(1, max_len=max_len) for _ in range(batch_size)]
+
+    def decode(self, block, cache, logit_positions=None):
+        return self._rows(block.shape[0], lambda b, lp: self.inner.decode(self._row(block, b), cache[b],
+                                                                          logit_positions=lp), logit_positions)
+
+    def commit(self, block, cache, block_size=None):
+        for b in range(block.shape[0]):
+            self.inner.commit(self._row(block, b), cache[b], block_size=block_size)
+
+    def commit_and_decode(self, clean, block, cache, logit_positions=None):
+        return self._rows(block.shape[0], lambda b, lp: self.inner.commit_and_decode(
+            self._row(clean, b), self._row(block, b), cache[b], logit_positions=lp), logit_positions)
+
+    def forward(self, tokens, block_size=None, logit_positions=None):
+        return self._rows(tokens.shape[0], lambda b, lp: self.inner(self._row(tokens, b), block_size=block_size,
+                                                                    logit_positions=lp), logit_positions)
+
+    def refine_forward(self, tokens, context, positions=None, write=None, logit_positions=None):
+        def row(b, lp):
+            if positions is None:
+                return self.inner.refine_forward(self._row(tokens, b), context[b], logit_positions=lp)
+            keep = write[b] if write is not None else torch.ones_like(positions[b], dtype=torch.bool)
+            return self.inner.refine_forward(self._row(tokens, b), context[b], positions[b][keep][None].clone(),
+                                             write=keep[keep][None], logit_positions=lp[:, keep])
+        assert positions is None or logit_positions is not None, "the sampler asks for packed logits"
+        return self._rows(tokens.shape[0], row, logit_positions)
+
+
+SAMPLER_SETTINGS = {
+    "first_hitting": dict(strategy="first_hitting"),
+    "topk": dict(strategy="topk", tokens_per_step=2),
+    "threshold": dict(strategy="threshold", threshold=0.5),
+    "block_stage": dict(strategy="topk", stages=[(8, 0.3, 2), (None, 0.25, 4)]),
+    "reuse_context": dict(strategy="topk", stages=[RefineStage(None, 0.3, 4, reuse_context=True)]),
+    "posthoc": dict(strategy="threshold", threshold=0.5, remask_policy="posthoc"),
+    "random_policy": dict(strategy="first_hitting", remask_policy="random"),
+    "mdlm": dict(method="mdlm", mdlm_steps=8),
+    # Rows stop at their own EOS, so they remask different counts (reused-context padding).
+    "eos_reuse_context": dict(strategy="topk", stop_at_eos=True, stages=[RefineStage(None, 0.5, 3, reuse_context=True)]),
+}
+
+
+def eos_ending_rows_apart(model, seeds, kwargs):
+    """A token id whose first draft occurrence differs between the rows: as EOS it stops them
+    at different lengths (the draft before a row's stop does not depend on the stop)."""
+    draft = generate(model, len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    P, L = len(kwargs["prompt"]), draft.tokens.shape[1]
+    for t in range(model.mask_id):
+        hits = draft.tokens[:, P:] == t
+        first = torch.where(hits.any(-1), hits.int().argmax(-1), L)
+        if hits.any() and len(set(first.tolist())) > 1:
+            return t
+    pytest.fail("every token starts at one position in all rows")
+
+
+@pytest.mark.parametrize("setting", sorted(SAMPLER_SETTINGS))
+def test_a_row_in_a_batch_equals_the_row_alone_with_its_generator(setting):
+    """The sampler's own bookkeeping (step schedules, draws, remask counts, padding) makes a
+    row depend only on its generator and its own logits: checked exactly on a model whose
+    forward is row-independent by construction, with rows that end up with different
+    remask counts and step counts, a prompt, and every draft and refine path."""
+    model = RowByRow(tiny_model())
+    kwargs = {**dict(length=29, stages=[(None, 0.25, 4)], prompt=torch.tensor([3, 1, 4, 1, 5])),
+              **SAMPLER_SETTINGS[setting]}
     seeds = [10, 11, 12]
+    if setting == "eos_reuse_context":
+        kwargs["eos_id"] = eos_ending_rows_apart(model, seeds, {**kwargs, "stop_at_eos": False, "stages": []})
     batch = generate(model, 3, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    assert len({tuple(r.tolist()) for r in batch.tokens}) == 3
+    if setting == "eos_reuse_context":
+        assert len(set(batch.lengths.tolist())) > 1
     for row, seed in enumerate(seeds):
         alone = generate(model, 1, generator=[torch.Generator().manual_seed(seed)], **kwargs)
         assert torch.equal(batch.tokens[row], alone.tokens[0])
         assert torch.equal(batch.draft_tokens[row], alone.draft_tokens[0])
+        assert torch.equal(batch.confidence[row], alone.confidence[0])
+
+
+@torch.no_grad()
+def test_batched_forwards_agree_with_row_alone_forwards_within_rounding():
+    """What holds for the plain batched model, where a BLAS decides: every forward the
+    sampler uses gives each row the logits of that row computed alone, up to float32
+    rounding (not bit for bit: MKL takes other paths for 1 and 3 rows), so a draw differs
+    only where two candidates nearly tie."""
+    model = tiny_model()
+    alone = RowByRow(model)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.mask_id, (3, 24), generator=g)
+    tokens[torch.rand(3, 24, generator=g) < 0.3] = model.mask_id
+
+    def check(batched, rowwise):
+        torch.testing.assert_close(batched, rowwise, rtol=1e-5, atol=1e-5 * float(rowwise.abs().max()))
+
+    check(model(tokens), alone(tokens))
+    check(model(tokens, block_size=4), alone(tokens, block_size=4))
+    cache, caches = model.new_kv_cache(3), alone.new_kv_cache(3)
+    model.commit(tokens[:, :8], cache, block_size=4)
+    alone.commit(tokens[:, :8], caches, block_size=4)
+    check(model.decode(tokens[:, 8:12], cache), alone.decode(tokens[:, 8:12], caches))
+    check(model.commit_and_decode(tokens[:, 8:12], tokens[:, 12:16], cache),
+          alone.commit_and_decode(tokens[:, 8:12], tokens[:, 12:16], caches))
 
 
 class UncachedModel(torch.nn.Module):
@@ -219,11 +339,16 @@ class UncachedModel(torch.nn.Module):
 
 
 def test_kv_cached_draft_equals_uncached_block_causal_draft_under_greedy():
+    """The two compute the same logits up to float32 rounding (tests/test_model.py). Greedy
+    first-hitting draws are argmaxes at positions the generator picks, so the tokens agree
+    unless two logits tie within that rounding (~1e-6 here, against top-2 gaps of 0.07 and
+    more); a confidence-ranked strategy would instead compare near-1 probabilities, which
+    rounding can reorder."""
     model = tiny_model()
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6]] * 2)
-    kwargs = dict(prompt=prompt, length=32, temperature=0, strategy="topk", tokens_per_step=1)
-    cached = generate(model, **kwargs)
-    uncached = generate(UncachedModel(model), **kwargs)
+    kwargs = dict(prompt=prompt, length=32, temperature=0, strategy="first_hitting")
+    cached = generate(model, generator=torch.Generator().manual_seed(3), **kwargs)
+    uncached = generate(UncachedModel(model), generator=torch.Generator().manual_seed(3), **kwargs)
     assert torch.equal(cached.tokens, uncached.tokens)
     torch.testing.assert_close(cached.confidence, uncached.confidence, atol=1e-5, rtol=1e-5)
 
@@ -234,20 +359,43 @@ def unfused(model):
     return model
 
 
+class FoldedByHand(torch.nn.Module):
+    """The model with commit_and_decode = commit, then decode (two forwards, counted as one)."""
+
+    supports_commit_and_decode = True
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.mask_id, self.config = unfused(model), model.mask_id, model.config
+        self.supports_logit_positions = model.supports_logit_positions
+        self.new_kv_cache, self.decode, self.commit = model.new_kv_cache, model.decode, model.commit
+
+    def commit_and_decode(self, clean, block, cache, **kwargs):
+        self.inner.commit(clean, cache)
+        return self.inner.decode(block, cache, **kwargs)
+
+    def forward(self, tokens, **kwargs):
+        return self.inner(tokens, **kwargs)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(length=32, strategy="first_hitting", stages=[(None, 0.25, 4)]),
     dict(length=48, strategy="topk", prompt=list(range(1, 7)), stages=[(8, 0.5, 3), (4, 0.2, None)]),
     dict(length=30, strategy="threshold", threshold=0.3, block_size=3, prompt=[5, 6, 7]),
 ])
 def test_commit_folded_into_the_next_decode_changes_nothing_but_the_forward_count(kwargs):
-    """Fused (commit inside the next block's first decode) == separate commits: same tokens,
-    same confidences, same decode calls; the fused run makes no separate commit forwards
-    except the prompt prefill and blocks that needed no decode call."""
-    kwargs = dict(temperature=0, batch_size=2, **kwargs)
-    fused = generate(tiny_model(), **kwargs)
+    """The sampler folds each block's commit into the next block's first decode at the
+    right moments: a model whose commit_and_decode is commit-then-decode by construction
+    gives the same tokens and confidences, bit for bit, as separate commits, with the same
+    decode calls, and makes no separate commit forwards except the prompt prefill and blocks
+    that needed no decode call. (That the model's fused forward equals commit-then-decode,
+    up to float32 rounding, is tests/test_model.py's.)"""
+    kwargs = dict(batch_size=2, generator=torch.Generator().manual_seed(5), **kwargs)
+    fused = generate(FoldedByHand(tiny_model()), **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(5)
     split = generate(unfused(tiny_model()), **kwargs)
     assert torch.equal(fused.tokens, split.tokens) and torch.equal(fused.draft_tokens, split.draft_tokens)
-    torch.testing.assert_close(fused.confidence, split.confidence, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused.confidence, split.confidence)
     bs = kwargs.get("block_size", 4)
     P = len(kwargs.get("prompt", []))
     blocks = -(-kwargs["length"] // bs)
@@ -308,6 +456,57 @@ def test_bd3lm_preset_config_and_bad_arguments():
         generate(model, 2, generator=[torch.Generator()])
     sampler = DiDSampler(model, SamplerConfig(length=16))
     assert sampler.generate(2).tokens.shape == (2, 16)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -1.0), ("temperature", "1"),
+    ("top_p", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("threshold", float("-inf")), ("threshold", 2.0),
+    ("length", 0), ("length", -3), ("length", 16.0), ("block_size", 0), ("block_size", 2.5), ("block_size", True),
+    ("tokens_per_step", 0), ("mdlm_steps", 0), ("eos_id", -1), ("eos_id", 3.0), ("mask_id", -2),
+    ("stop_at_eos", "yes"), ("stages", "global"), ("stages", [(None, float("nan"), 2)]), ("stages", [(4, 0.5, 0)]),
+    ("stages", [(2.5, 0.5, 2)]), ("stages", [(None,)*4]),
+])
+def test_bad_sampler_settings_are_refused_naming_the_setting(field, value):
+    with pytest.raises(UserError) as info:
+        SamplerConfig(**{field: value})
+    name = {"stages": "stage|remask_ratio|steps|block_size"}.get(field, field)
+    assert re.search(name, str(info.value)), str(info.value)
+
+
+def test_bad_generate_arguments_are_refused_before_any_model_call():
+    toy = ToyDenoiser(random_table(L=12, V=9))  # no vocab_size in its config: ids checked against the mask
+    model = tiny_model()  # vocab 29, context 32
+    cases = [
+        (dict(batch_size=-1), "batch_size"), (dict(batch_size=0), "batch_size"), (dict(batch_size=2.0), "batch_size"),
+        (dict(prompt=torch.tensor([1.0, 2.0])), "integer token ids"), (dict(prompt=[1.5, 2]), "integer token ids"),
+        (dict(prompt=torch.tensor([True])), "integer token ids"), (dict(prompt=[-1]), "prompt token ids"),
+        (dict(length=12, stages=[(None, 0.5, 2)], prompt=[0] * 12), "no room"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UserError, match=message):
+            generate(toy, length=kwargs.pop("length", 12), **kwargs)
+    assert sum(toy.calls.values()) == 0
+    with pytest.raises(UserError, match="prompt token ids"):
+        generate(model, 1, prompt=[29])  # outside the vocabulary
+    with pytest.raises(UserError, match="mask_id 29 is outside"):
+        generate(model, 1, mask_id=29)
+    with pytest.raises(UserError, match="eos_id 40 is outside"):
+        generate(model, 1, eos_id=40)
+    with pytest.raises(UserError, match="mask token"):
+        generate(model, 1, eos_id=model.mask_id)
+
+
+def test_a_length_no_global_stage_can_take_is_refused_before_the_draft():
+    toy = ToyDenoiser(random_table(L=16, V=9))
+    toy.config.model_length = 12  # drafts past its context (sliding cache); global blocks cannot
+    for kwargs in (dict(stages=[(4, 0.5, 2), (None, 0.25, 2)]), dict(method="mdlm"),
+                   dict(stages=[(16, 0.5, 2)])):  # a block covering the sequence is global too
+        with pytest.raises(UserError, match="exceeds the model's context"):
+            generate(toy, 1, length=16, **kwargs)
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        DiDSampler(toy).refine(generate(toy, 1, length=16, stages=[]), [(None, 0.5, 2)])
+    assert toy.calls["forward"] == 0 and toy.calls["decode"] == 16  # only the draft that refine was given
+
 
 
 def _dense_nucleus(groups, shape):
