@@ -44,6 +44,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few hundred bytes; its metadata
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 MAX_JSON_DEPTH = 32
 MAX_TENSOR_RANK = 8
+MAX_BD3LM_BUFFERS = 64  # scalar tensors outside BD3-LM's backbone, kept in config.extra
 # Fields that fix the weights' shapes: a checkpoint must state them (no defaults are guessed).
 REQUIRED_CONFIG_KEYS = ("vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads")
 
@@ -375,10 +376,12 @@ def _model_config(raw, config_path: str, weights: SafetensorsFile):
 
 def _bd3lm_metadata(weights: SafetensorsFile) -> dict:
     """BD3-LM's tensors outside the backbone (sampling_eps_min/max buffers): scalars only."""
+    outside = {name: e for name, e in weights.entries.items() if not name.startswith("backbone.")}
+    if len(outside) > MAX_BD3LM_BUFFERS:
+        raise CheckpointError(f"{weights.path} has {len(outside)} tensors outside the backbone; BD3-LM has a few "
+                              f"scalar buffers (limit {MAX_BD3LM_BUFFERS})")
     metadata = {}
-    for name, e in weights.entries.items():
-        if name.startswith("backbone."):
-            continue
+    for name, e in outside.items():
         if e.numel != 1:
             raise CheckpointError(f"{weights.path}: tensor {name!r} outside the backbone has shape {list(e.shape)}; "
                                   "only scalar buffers (such as sampling_eps_min) are kept, as metadata")
@@ -433,14 +436,13 @@ def load_pretrained(cls, path, device=None, dtype=None, strict: bool = True):
                                   f"{config.hidden_dim}, vocab {config.vocab_size}): " + " | ".join(problems))
 
         model = cls(config)
-        target = model.state_dict()
-        state = {}
-        for name in common:
-            t = weights.read(file_name[name]).to(target[name].dtype)
-            if not torch.isfinite(t).all():
-                raise CheckpointError(f"{weights_path}: tensor {file_name[name]!r} holds non-finite values "
-                                      f"({int((~torch.isfinite(t)).sum())} of {t.numel()})")
-            state[name] = t
-    model.load_state_dict(state, strict=strict)
+        target = model.state_dict()  # shares storage with the parameters and buffers
+        with torch.no_grad():
+            for name in common:  # one tensor at a time: the peak is the model plus its largest tensor
+                t = weights.read(file_name[name]).to(target[name].dtype)
+                if not torch.isfinite(t).all():
+                    raise CheckpointError(f"{weights_path}: tensor {file_name[name]!r} holds non-finite values "
+                                          f"({int((~torch.isfinite(t)).sum())} of {t.numel()})")
+                target[name].copy_(t)
     model.eval()
     return model.to(device=device, dtype=dtype)

@@ -361,7 +361,13 @@ def _gallery():
         "bd3lm_hf_cache_symlinks": ("bd3lm", _hf_cache_layout, same),
         "bd3lm_float16_weights": ("bd3lm", _weights(_cast_all(torch.float16)), ("load", torch.float16)),
         "bd3lm_without_model_type": ("bd3lm", _cfg(lambda c: c.pop("model_type")), same),
+        "bd3lm_hf_bookkeeping_keys": ("bd3lm", _set(architectures=["BD3LM"], torch_dtype="float32",
+                                                    auto_map={"AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
+                                                    transformers_version="4.49.0"), same),
         "bd3lm_huge_extra_buffer": ("bd3lm", _weights(_bd3_huge_buffer), refuse_weights),
+        "bd3lm_thousand_scalar_buffers": ("bd3lm", _weights(lambda t: t.update({f"eps_{i}": torch.tensor(0.5)
+                                                                                for i in range(1000)})),
+                                          refuse_weights),
         "bd3lm_nan_extra_buffer": ("bd3lm", _weights(_put("sampling_eps_min", lambda v: v * float("nan"))),
                                    refuse_weights),
         "bd3lm_nan_backbone_weight": ("bd3lm", _weights(_put("backbone.blocks.0.attn_qkv.weight",
