@@ -47,7 +47,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_model_config(self)
-        # JSON writes 0 for 0.0: store floats as floats so to_dict round-trips exactly.
+        # A config file may say 0 for 0.0: store floats as floats so to_dict is the same either way.
         self.dropout, self.rotary_base = float(self.dropout), float(self.rotary_base)
 
     @property
