@@ -397,6 +397,53 @@ def test_not_a_checkpoint(tmp_path):
         BlockDiffusionLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(dropout=1.5), r"dropout = 1\.5: must be a number in \[0, 1\)"),
+    (dict(n_heads=5), r"n_heads = 5: must divide hidden_dim 32"),
+    (dict(n_heads=32), r"head_dim 1"),
+    (dict(hidden_dim=0), r"hidden_dim = 0: must be in \[1, "),
+    (dict(n_blocks=True), r"n_blocks = True: must be an integer, not bool"),
+    (dict(vocab_size=37.0), r"vocab_size = 37\.0: must be an integer, not float"),
+    (dict(rotary_base=float("inf")), r"rotary_base = inf: must be a finite number"),
+    (dict(block_size=25), r"block_size = 25: must not exceed model_length 24"),
+    (dict(adaln=1), r"adaln = 1: must be true or false"),
+    (dict(hidden_dim=32768, n_heads=256, n_blocks=1024), r"asks for about 1\.3\d*e\+13 weights"),
+])
+def test_config_values_are_checked_before_anything_is_allocated(bad, fragment):
+    from did_engine.errors import UserError
+
+    cfg = dict(vocab_size=37, model_length=24, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4)
+    with pytest.raises(UserError, match=fragment):
+        ModelConfig(**{**cfg, **bad})
+    with pytest.raises(UserError, match=fragment):  # the same checks guard the model's constructor
+        BlockDiffusionLM(**{**cfg, **bad})
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mini", "small"])
+@pytest.mark.parametrize("adaln", [True, False])
+def test_weight_estimate_is_the_count_with_adaln_and_a_bound_without(preset, adaln):
+    from did_engine.model import PRESETS, estimated_weight_elements
+
+    config = ModelConfig(**{**PRESETS[preset], "adaln": adaln})
+    with torch.device("meta"):  # counted without allocating (small has 170M weights)
+        count = BlockDiffusionLM(config).num_parameters()
+    estimate = estimated_weight_elements(config)
+    assert estimate == count if adaln else estimate > count
+
+
+def test_unknown_keys_are_refused_in_our_format_and_kept_in_bd3lm_s(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        raw = json.load(f)
+    raw["config"]["n_layer"] = 3  # a typo of n_blocks would otherwise silently keep the default
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(CheckpointError, match=r"config\.json: unknown model config keys 'n_layer'"):
+        BlockDiffusionLM.from_pretrained(tmp_path)
+    model = BlockDiffusionLM.from_pretrained(FIXTURE)  # BD3LMConfig's own fields stay as metadata
+    assert model.config.extra["var_min"] is True and model.config.extra["source_format"] == "bd3lm"
+
+
 @pytest.mark.parametrize("adaln", [True, False])
 def test_logit_positions_give_the_dense_rows(adaln):
     """decode / block-causal / global forwards with logit_positions = the dense logits' rows."""
