@@ -314,13 +314,23 @@ class FinalLayer(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
+    """Token ids [B, S] -> vectors [B, S, dim]; the parameter is ``embedding`` [V, dim]
+    (BD3-LM's name, so its checkpoints load as they are)."""
+
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, tokens):
-        return self.embedding[tokens]
+        # F.embedding, not self.embedding[tokens]: the backward of advanced indexing is an
+        # accumulating index_put whose threads add into shared rows with atomics, so a
+        # token repeated in a batch gets its gradient summed in a different order from run
+        # to run. The CPU backward of F.embedding (embedding_dense_backward_cpu) instead
+        # splits the vocabulary into row ranges, one range per thread, and each thread walks
+        # all the tokens in order, adding only those in its range: every row's sum is taken
+        # in token order, whatever the thread count, so it is bit-reproducible.
+        return F.embedding(tokens, self.embedding)
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ by all ranks, and each rank takes its rows: DDP on N processes computes the same
 one process on the same global batch. Data order is a permutation per epoch seeded with
 (seed, epoch) (``DistributedSampler``). The generator's state, the global RNG states, the
 model, the EMA, the optimizer and the data position are checkpointed, so a killed run
-resumes to bit-identical weights (on the CPU, with a fixed thread count).
+resumes to bit-identical weights (on the CPU: the same machine, software versions and
+thread count; the README says what is and is not guaranteed).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -44,13 +47,24 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from did_engine.checkpoint import atomic_write_bytes, atomic_write_json
+from did_engine.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json
 from did_engine.cli import HelpFormatter
 from did_engine.diffusion import SCHEDULES, draw_block_noise, get_schedule, nelbo_terms
+from did_engine.errors import UserError
 from did_engine.model import PRESETS, BlockDiffusionLM
 
 TRAINER_STATE = "trainer_state.json"
 DEFAULT_EPS = (1e-3, 1.0)  # the unclipped schedule: a valid NELBO
+
+
+class TrainConfigError(UserError):
+    """A training option, or a pairing of model, data and options, that cannot train."""
+
+
+class StorageFullError(UserError):
+    """The file system refused a write of the run (no space left, a quota, a file size
+    limit). A checkpoint being written is removed, earlier ones are intact: the same command
+    resumes from the last of them once there is room."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +129,7 @@ class TrainConfig:
         out = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             if ":" not in part:
-                raise ValueError(f"block size entry {part!r} must be SIZE:PROB, e.g. 4:0.9,L:0.1")
+                raise TrainConfigError(f"block size entry {part!r} must be SIZE:PROB, e.g. 4:0.9,L:0.1")
             size, prob = part.split(":", 1)
             key = "L" if size.strip() in ("L", "global") else _int(size, "block size")
             out[key] = _float(prob, f"probability of block size {size}")
@@ -128,7 +142,7 @@ class TrainConfig:
         for part in filter(None, (p.strip() for p in text.split(","))):
             pieces = part.split(":")
             if len(pieces) != 3:
-                raise ValueError(f"clip entry {part!r} must be SIZE:EPS_MIN:EPS_MAX, e.g. 4:0.3:0.8")
+                raise TrainConfigError(f"clip entry {part!r} must be SIZE:EPS_MIN:EPS_MAX, e.g. 4:0.3:0.8")
             key = "L" if pieces[0].strip() in ("L", "global") else _int(pieces[0], "block size")
             out[key] = [_float(pieces[1], "eps_min"), _float(pieces[2], "eps_max")]
         return out
@@ -148,63 +162,63 @@ class TrainConfig:
         return out
 
     def check(self, seq_len: int | None = None, world_size: int = 1) -> None:
-        """Raise ValueError with one clear message for a configuration that cannot train."""
+        """Raise TrainConfigError with one clear message for a configuration that cannot train."""
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {self.schedule!r}; choose from {', '.join(sorted(SCHEDULES))}")
+            raise TrainConfigError(f"unknown noise schedule {self.schedule!r}; choose from {', '.join(sorted(SCHEDULES))}")
         if not self.block_sizes:
-            raise ValueError("block_sizes is empty: give at least one SIZE:PROB")
+            raise TrainConfigError("block_sizes is empty: give at least one SIZE:PROB")
         probs = [float(p) for p in self.block_sizes.values()]
         if any(p < 0 for p in probs):
-            raise ValueError(f"block size probabilities must be >= 0, got {self.block_sizes}")
+            raise TrainConfigError(f"block size probabilities must be >= 0, got {self.block_sizes}")
         if abs(sum(probs) - 1.0) > 1e-6:
-            raise ValueError(f"block size probabilities must sum to 1, got {sum(probs):.6g} ({self.block_sizes})")
+            raise TrainConfigError(f"block size probabilities must sum to 1, got {sum(probs):.6g} ({self.block_sizes})")
         for k in self.block_sizes:
             if str(k) not in ("L", "global") and int(k) < 1:
-                raise ValueError(f"block sizes must be >= 1, got {k}")
+                raise TrainConfigError(f"block sizes must be >= 1, got {k}")
         if seq_len is not None:
             for b in self.resolved_block_sizes(seq_len):
                 if b > seq_len or seq_len % b:
-                    raise ValueError(f"block size {b} does not divide the sequence length L = {seq_len}")
+                    raise TrainConfigError(f"block size {b} does not divide the sequence length L = {seq_len}")
             for k in self.clip:
                 b = seq_len if str(k) in ("L", "global") else int(k)
                 if b not in self.resolved_block_sizes(seq_len):
-                    raise ValueError(f"clip interval given for block size {k}, which is not in the mix "
+                    raise TrainConfigError(f"clip interval given for block size {k}, which is not in the mix "
                                      f"{sorted(self.resolved_block_sizes(seq_len))}")
         for k, (lo, hi) in self.clip.items():
             if not (0.0 < lo < hi <= 1.0):
-                raise ValueError(f"clip interval of block size {k} must satisfy 0 < eps_min < eps_max <= 1, "
+                raise TrainConfigError(f"clip interval of block size {k} must satisfy 0 < eps_min < eps_max <= 1, "
                                  f"got [{lo}, {hi}]")
         if self.batch_size < 1 or self.batch_size % world_size:
-            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of the number of "
+            raise TrainConfigError(f"batch_size {self.batch_size} must be a positive multiple of the number of "
                              f"processes ({world_size})")
         for name in ("max_steps", "log_every", "save_every", "keep_checkpoints", "eval_batches", "eval_batch_size",
                      "clip_search_batches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size < 0:
-            raise ValueError(f"micro_batch_size must be >= 0 (0 = the whole per-process batch), got "
+            raise TrainConfigError(f"micro_batch_size must be >= 0 (0 = the whole per-process batch), got "
                              f"{self.micro_batch_size}")
         for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "min_lr"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise TrainConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
+            raise TrainConfigError(f"ema decay must be in [0, 1), got {self.ema}")
         if self.lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be constant or cosine, got {self.lr_decay!r}")
+            raise TrainConfigError(f"lr_decay must be constant or cosine, got {self.lr_decay!r}")
         if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+            raise TrainConfigError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if self.final_weights not in ("ema", "raw"):
-            raise ValueError(f"final_weights must be ema or raw, got {self.final_weights!r}")
+            raise TrainConfigError(f"final_weights must be ema or raw, got {self.final_weights!r}")
         if self.final_weights == "ema" and self.ema == 0:
             self.final_weights = "raw"
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise TrainConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.clip_search_delta < 1 or not all(0 < w <= 1 for w in self.clip_search_widths):
-            raise ValueError("clip_search_delta must be in (0, 1) and the widths in (0, 1]")
+            raise TrainConfigError("clip_search_delta must be in (0, 1) and the widths in (0, 1]")
         if self.model.startswith("preset:") and self.model.split(":", 1)[1] not in PRESETS:
-            raise ValueError(f"unknown preset {self.model!r}; choose from "
+            raise TrainConfigError(f"unknown preset {self.model!r}; choose from "
                              f"{', '.join('preset:' + p for p in sorted(PRESETS))}")
 
     def to_json(self) -> dict:
@@ -235,14 +249,14 @@ def _int(text, what):
     try:
         return int(str(text).strip())
     except ValueError:
-        raise ValueError(f"{what} must be an integer or L, got {text!r}") from None
+        raise TrainConfigError(f"{what} must be an integer or L, got {text!r}") from None
 
 
 def _float(text, what):
     try:
         return float(str(text).strip())
     except ValueError:
-        raise ValueError(f"{what} must be a number, got {text!r}") from None
+        raise TrainConfigError(f"{what} must be a number, got {text!r}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,7 +269,7 @@ def _rows_of(dataset):
         return len(dataset), dataset.batch
     tensor = torch.as_tensor(np.asarray(dataset) if not torch.is_tensor(dataset) else dataset).long()
     if tensor.dim() != 2:
-        raise ValueError(f"dataset must be [N, L] token ids, got shape {tuple(tensor.shape)}")
+        raise UserError(f"dataset must be [N, L] token ids, got shape {tuple(tensor.shape)}")
     return tensor.shape[0], lambda idx: tensor[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
 
 
@@ -304,7 +318,7 @@ def evaluate_nelbo(model, dataset, *, block_size, batch_size: int = 8, max_batch
     finally:
         model.train(was_training)
     if tokens == 0:
-        raise ValueError("evaluate_nelbo: the dataset is empty")
+        raise UserError("evaluate_nelbo: the dataset is empty")
     nelbo = total / tokens
     return {"nelbo": nelbo, "ppl": math.exp(min(nelbo, 700.0)), "tokens": tokens, "sequences": sequences,
             "block_size": b}
@@ -459,29 +473,82 @@ def list_checkpoints(out_dir: str) -> list:
     return [os.path.join(root, n) for n in names]
 
 
+# errno values meaning "the file system has no room for this file": the user must free
+# space or raise a limit. Every other I/O error keeps its traceback.
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _no_room_errno(exc: BaseException) -> int | None:
+    """The errno of ``exc``, or of an exception it was raised from, when it says the file
+    system is out of room; else None. safetensors reports a failed write as its own
+    exception, whose text carries the OS error as "(os error N)", not as an OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:
+            return exc.errno
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found and int(found.group(1)) in _NO_ROOM_ERRNOS:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _storage_errors_as_user_errors(what: str):
+    """Re-raise a full disk (or quota, or file size limit) met while writing ``what`` as one
+    StorageFullError line: the user has to make room, the code has no bug to show."""
+    try:
+        yield
+    except StorageFullError:
+        raise
+    except Exception as exc:
+        code = _no_room_errno(exc)
+        if code is None:
+            raise
+        raise StorageFullError(f"cannot write {what}: {os.strerror(code).lower()}; make room, then run the same "
+                               "command again: it resumes from the last complete checkpoint") from exc
+
+
+def _write_checkpoint_files(directory: str, *, model, ema, optimizer, state: dict, rng_per_rank: list,
+                            tokenizer: str | None) -> None:
+    model.save_pretrained(directory)  # config.json + model.safetensors: loadable by from_pretrained
+    if ema is not None:
+        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()},
+                  os.path.join(directory, "ema.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    save_file(opt_tensors, os.path.join(directory, "optimizer.safetensors"))
+    for rank, rng in enumerate(rng_per_rank):
+        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
+    if tokenizer and os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(directory, "tokenizer.json"))
+    atomic_write_json(os.path.join(directory, TRAINER_STATE), {**state, "optimizer": opt_meta})
+    for name in os.listdir(directory):  # make the bytes durable before the rename publishes them
+        with open(os.path.join(directory, name), "rb") as f:
+            os.fsync(f.fileno())
+
+
 def save_checkpoint(path: str, *, model, ema, optimizer, state: dict, rng_per_rank: list, tokenizer: str | None,
                     keep: int) -> None:
-    """Write the checkpoint directory `path` atomically (temp dir + rename); keep the last `keep`."""
+    """Write the checkpoint directory `path` atomically (temp dir + rename); keep the last `keep`.
+
+    A write that fails (a full disk: StorageFullError, one line) removes its temporary
+    directory and leaves every earlier checkpoint as it was.
+    """
     root = os.path.dirname(path)
     os.makedirs(root, exist_ok=True)
     for stale in os.listdir(root):  # left by a run killed while writing: never complete, never read
         if stale.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    os.makedirs(tmp)
-    model.save_pretrained(tmp)  # config.json + model.safetensors: loadable by from_pretrained
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
-    save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-    for rank, rng in enumerate(rng_per_rank):
-        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
-    if tokenizer and os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
-    atomic_write_json(os.path.join(tmp, TRAINER_STATE), {**state, "optimizer": opt_meta})
-    for name in os.listdir(tmp):  # make the bytes durable before the rename publishes them
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
+    with _storage_errors_as_user_errors(f"the checkpoint {path}"):
+        try:
+            os.makedirs(tmp)
+            _write_checkpoint_files(tmp, model=model, ema=ema, optimizer=optimizer, state=state,
+                                    rng_per_rank=rng_per_rank, tokenizer=tokenizer)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if os.path.exists(path):
         shutil.rmtree(path)
     os.rename(tmp, path)
@@ -565,7 +632,7 @@ class Trainer:
 
         self.cfg = cfg
         if not cfg.data:
-            raise ValueError("--data is required: a prepared dataset directory (did-engine data prepare)")
+            raise TrainConfigError("--data is required: a prepared dataset directory (did-engine data prepare)")
         self.dist, self.device = init_distributed(cfg.device)
         self.train_data = TokenDataset(cfg.data, "train")
         try:
@@ -577,7 +644,7 @@ class Trainer:
         L = self.seq_len = self.train_data.seq_len
         cfg.check(L, self.dist.world_size)
         if len(self.train_data) < cfg.batch_size:
-            raise ValueError(f"the train split has {len(self.train_data)} sequences, fewer than one batch "
+            raise TrainConfigError(f"the train split has {len(self.train_data)} sequences, fewer than one batch "
                              f"({cfg.batch_size})")
         self.probs = cfg.resolved_block_sizes(L)
         self.clip = {b: tuple(v) for b, v in cfg.resolved_clip(L).items()}
@@ -585,7 +652,10 @@ class Trainer:
         self.model = self._build_model()
         for b, (lo, hi) in self.clip.items():  # fail now, not at the first unlucky batch
             if cfg.resample:
-                draw_block_noise(1, L, b, lo, hi, torch.Generator().manual_seed(0), self.schedule, resample=True)
+                try:
+                    draw_block_noise(1, L, b, lo, hi, torch.Generator().manual_seed(0), self.schedule, resample=True)
+                except ValueError as exc:  # no block of b tokens can have a masked fraction in [lo, hi]
+                    raise TrainConfigError(f"--clip of block size {b}: {exc}") from None
 
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off")
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
@@ -623,21 +693,21 @@ class Trainer:
             model = BlockDiffusionLM.from_preset(cfg.model.split(":", 1)[1], **overrides)
         else:
             if not os.path.isdir(cfg.model):
-                raise ValueError(f"--model {cfg.model!r} is neither preset:NAME nor a checkpoint directory")
+                raise TrainConfigError(f"--model {cfg.model!r} is neither preset:NAME nor a checkpoint directory")
             model = BlockDiffusionLM.from_pretrained(cfg.model)
             if cfg.dropout is not None:
                 model = BlockDiffusionLM(model.config, dropout=cfg.dropout).train()
                 model.load_state_dict(BlockDiffusionLM.from_pretrained(cfg.model).state_dict())
             mc = model.config
             if mc.vocab_size != vocab:
-                raise ValueError(f"the model's vocabulary ({mc.vocab_size}) differs from the dataset's "
+                raise TrainConfigError(f"the model's vocabulary ({mc.vocab_size}) differs from the dataset's "
                                  f"({vocab} = tokenizer + mask): prepare the data with the model's tokenizer")
             if mc.model_length != L:
-                raise ValueError(f"the model was trained on L = {mc.model_length} but the dataset's sequences have "
+                raise TrainConfigError(f"the model was trained on L = {mc.model_length} but the dataset's sequences have "
                                  f"{L} tokens: prepare the data with --seq-len {mc.model_length}")
         for b in self.probs:
             if b > model.config.model_length:
-                raise ValueError(f"block size {b} exceeds the model length {model.config.model_length}")
+                raise TrainConfigError(f"block size {b} exceeds the model length {model.config.model_length}")
         return model.to(self.device).train()
 
     # -- data ----------------------------------------------------------------------------------
@@ -800,7 +870,7 @@ class Trainer:
         with open(os.path.join(path, TRAINER_STATE)) as f:
             state = json.load(f)
         if state["seq_len"] != self.seq_len:
-            raise ValueError(f"{path} was trained on L = {state['seq_len']}, the dataset has L = {self.seq_len}")
+            raise CheckpointError(f"{path} was trained on L = {state['seq_len']}, the dataset has L = {self.seq_len}")
         weights = load_file(os.path.join(path, "model.safetensors"))
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         if self.ema is not None and os.path.isfile(os.path.join(path, "ema.safetensors")):
@@ -844,11 +914,33 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self) -> None:
-        """On resume, drop records of steps after the checkpoint (they will be redone)."""
+        """Drop the records of steps after the one training starts from (they will be redone).
+
+        A kill during an append leaves a torn last line: it is dropped with a warning. A
+        damaged line before the last is not something a kill does: an error naming it.
+        """
         if not self.dist.main or not os.path.isfile(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        with open(self.metrics_path, errors="replace") as f:
+            lines = f.readlines()
+        keep = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                if number < len(lines):
+                    raise UserError(f"{self.metrics_path}, line {number}: not a JSON record (damaged log): repair "
+                                    "or delete that line, then resume")
+                print(f"did_engine train: warning: dropped the torn last line of {self.metrics_path} (line {number}, "
+                      "cut short by an interrupted write)", file=sys.stderr)
+                continue
+            if record.get("step", 0) <= self.step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+
         def write(tmp):
             with open(tmp, "w") as f:
                 f.writelines(keep)
@@ -887,19 +979,20 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def maybe_resume(self) -> str | None:
+        """Load the checkpoint that --resume names (auto: the latest in --out, if any); return
+        its path, or None when training starts from step 0. Either way metrics.jsonl keeps
+        only the records of the steps already done."""
         cfg = self.cfg
-        if cfg.resume == "never":
-            return None
+        path = None
         if cfg.resume == "auto":
             ckpts = list_checkpoints(cfg.out)
-            if not ckpts:
-                return None
-            path = ckpts[-1]
-        else:
+            path = ckpts[-1] if ckpts else None
+        elif cfg.resume != "never":
             path = cfg.resume
             if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
-                raise ValueError(f"--resume {path!r} is not a training checkpoint (no {TRAINER_STATE})")
-        self.load(path)
+                raise CheckpointError(f"--resume {path!r} is not a training checkpoint (no {TRAINER_STATE})")
+        if path is not None:
+            self.load(path)
         self._truncate_metrics()
         return path
 
@@ -975,13 +1068,14 @@ class Trainer:
         try:
             self.model.config.extra.update(self._final_metadata())
             self.model.config.extra["weights"] = "ema" if use_ema else "raw"
-            self.model.save_pretrained(path)
+            with _storage_errors_as_user_errors(f"the final model {path}"):
+                self.model.save_pretrained(path)
+                tok = self.train_data.tokenizer_path
+                if os.path.isfile(tok):
+                    shutil.copyfile(tok, os.path.join(path, "tokenizer.json"))
         finally:
             if use_ema:
                 self.ema.swap(self.model)
-        tok = self.train_data.tokenizer_path
-        if os.path.isfile(tok):
-            shutil.copyfile(tok, os.path.join(path, "tokenizer.json"))
         self._barrier()
         return path
 
@@ -990,7 +1084,8 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the last step's metrics and the final model path."""
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
+        with _storage_errors_as_user_errors(f"to the run directory {cfg.out}"):  # metrics, plot, config
+            return trainer.fit()
     finally:
         import torch.distributed as dist
 
@@ -1132,7 +1227,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except UserError as exc:  # a mistake in the options, the data or the run directory: one line
         print(f"did-engine train: error: {exc}", file=sys.stderr)
         return 2
 

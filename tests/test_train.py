@@ -1,12 +1,16 @@
 """Training: the NELBO against float64 references, noise draws, the mix-scale loss against an
-independent construction, bad configs, overfitting real text, and a SIGKILL + resume that
-must reproduce an uninterrupted run bit for bit."""
+independent construction, bad configs, overfitting real text, and reproducibility at the
+default thread count: two identical runs, a SIGKILL + resume, a full disk during a
+checkpoint write and a torn metrics log must all reproduce an uninterrupted run bit for bit."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -21,8 +25,8 @@ from did_engine.data.format import TokenDataset, wrap_documents, write_manifest,
 from did_engine.diffusion import (LogLinearSchedule, draw_block_noise, masked_nll, nelbo_terms, sample_block_times,
                                   subs_log_probs)
 from did_engine.model import BlockDiffusionLM, ModelConfig
-from did_engine.train import (MixScaleLoss, TrainConfig, clip_candidates, draw_batch_noise, evaluate_nelbo,
-                              main as train_main)
+from did_engine.train import (MixScaleLoss, StorageFullError, TrainConfig, Trainer, _optimizer_to_flat,
+                              clip_candidates, draw_batch_noise, evaluate_nelbo, list_checkpoints, main as train_main)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +82,12 @@ def random_model(seed=0, dtype=torch.float32, **overrides) -> BlockDiffusionLM:
     return model.to(dtype).eval()
 
 
-def env1():
-    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+def subprocess_env():
+    """The environment of a training subprocess: this checkout importable; the thread count
+    left at its default (what users run with), never pinned to one."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("OMP_NUM_THREADS", None)
+    return env
 
 
 # -- the NELBO ---------------------------------------------------------------------------
@@ -344,10 +352,10 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_pa
               "--batch-size", "8", "--save-every", "5", "--eval-every", "10", "--eval-batches", "1",
               "--dropout", "0.1", "--ema", "0.9", "--warmup-steps", "10", "--lr-decay", "cosine", "--log-every", "1"]
     ref = tmp_path / "ref"
-    subprocess.run(common + ["--out", str(ref)], env=env1(), check=True, capture_output=True, timeout=300)
+    subprocess.run(common + ["--out", str(ref)], env=subprocess_env(), check=True, capture_output=True, timeout=300)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(common + ["--out", str(run)], env=env1(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(common + ["--out", str(run)], env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     ckpt_dir = run / "checkpoints"
@@ -361,7 +369,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_pa
     steps_done = max(int(n[5:]) for n in os.listdir(ckpt_dir) if n.startswith("step_"))
     assert steps_done < 30
 
-    resumed = subprocess.run(common + ["--out", str(run)], env=env1(), check=True, capture_output=True, timeout=300)
+    resumed = subprocess.run(common + ["--out", str(run)], env=subprocess_env(), check=True, capture_output=True, timeout=300)
     assert "resumed from" in resumed.stderr.decode()
 
     a, b = _weights(ref / "final"), _weights(run / "final")
@@ -374,6 +382,189 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_pa
         r1 = [(r["step"], r.get("loss"), r.get("val_nelbo_b4")) for r in map(json.loads, f1)]
         r2 = [(r["step"], r.get("loss"), r.get("val_nelbo_b4")) for r in map(json.loads, f2)]
     assert r1 == r2  # every logged loss, none lost or duplicated by the resume
+
+
+# -- reproducibility at the default thread count and faults ---------------------------------
+
+
+def _fit(data, out, **overrides) -> Trainer:
+    """An in-process run of the tiny preset with dropout, EMA and a mix of block sizes (every
+    source of randomness and accumulation of a real run), at the default thread count."""
+    cfg = dict(data=data, out=str(out), batch_size=16, max_steps=8, lr=3e-3, warmup_steps=2, log_every=1,
+               save_every=4, keep_checkpoints=10, eval_batches=1, progress=False, plot=False, dropout=0.1, ema=0.9,
+               block_sizes={4: 0.5, "L": 0.5})
+    trainer = Trainer(TrainConfig(**{**cfg, **overrides}))
+    trainer.fit()
+    return trainer
+
+
+def _run_state(trainer: Trainer) -> dict:
+    """Every tensor a run ends with: the weights, the EMA and the optimizer state."""
+    out = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    out.update(trainer.ema.state_dict())
+    out.update(_optimizer_to_flat(trainer.optimizer)[0])
+    return out
+
+
+def _assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:4]}"
+
+
+def _metrics(out) -> list:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_nelbo_b4")) for r in map(json.loads, f)]
+
+
+def test_token_embedding_gradient_is_summed_in_token_order_at_any_thread_count():
+    """The embedding's gradient with heavily repeated tokens, over a vocabulary large enough
+    for the backward to split its rows among threads (it parallelises over rows, 1000 at a
+    time), equals a float32 sum taken token by token in order, bit for bit, at 1, 2 and 3
+    threads: the order of the additions does not depend on the threads."""
+    from did_engine.model import TokenEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    emb = TokenEmbedding(4099, 24)
+    tokens = torch.cat([torch.randint(0, 4099, (2, 300), generator=g),  # rows in every thread's range
+                        torch.tensor([[998, 999, 1000, 1001] * 200] * 2),  # hot rows at a range border
+                        torch.full((2, 500), 4098)], dim=1)  # [2, 1600]
+    upstream = torch.randn(2, 1600, 24, generator=g)
+    ref = torch.zeros(4099, 24)
+    for i, k in enumerate(tokens.flatten().tolist()):
+        ref[k] += upstream.view(-1, 24)[i]
+    # Against float64: the reference itself is a sum of the right terms.
+    exact = torch.zeros(4099, 24, dtype=torch.float64).index_add_(0, tokens.flatten(), upstream.view(-1, 24).double())
+    assert (ref.double() - exact).abs().max() < 1e-4
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            emb.embedding.grad = None
+            out = emb(tokens)
+            assert torch.equal(out, emb.embedding.detach()[tokens])
+            out.backward(upstream)
+            assert torch.equal(emb.embedding.grad, ref), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_identical_runs_end_bit_identical_at_the_default_thread_count(tmp_path):
+    data = make_dataset(tmp_path / "d")
+    a = _run_state(_fit(data, tmp_path / "a"))
+    b = _run_state(_fit(data, tmp_path / "b"))
+    _assert_bit_identical(a, b)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of the optimizer file of the step-8 checkpoint: one StorageFullError
+    naming that checkpoint, no temporary directory left, step 4 intact; resuming from step 4
+    ends exactly where an uninterrupted run does."""
+    import did_engine.train as train_module
+
+    data = make_dataset(tmp_path / "d")
+    reference = _run_state(_fit(data, tmp_path / "ref", max_steps=12))
+
+    real_save_file = train_module.save_file
+    calls = []
+
+    def fill_the_disk(tensors, filename, *args, **kwargs):
+        if os.path.basename(filename) == "optimizer.safetensors":
+            calls.append(filename)
+            if len(calls) == 2:  # the step-8 checkpoint: some bytes land, then the disk is full
+                with open(filename, "wb") as f:
+                    f.write(b"\0" * 1000)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_file", fill_the_disk)
+    run = tmp_path / "full"
+    with pytest.raises(StorageFullError) as info:
+        _fit(data, run, max_steps=12)
+    message = str(info.value)
+    assert "\n" not in message and "no space left on device" in message
+    assert str(run / "checkpoints" / "step_00000008") in message
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000004"]  # no .tmp-* left behind
+    monkeypatch.setattr(train_module, "save_file", real_save_file)
+
+    resumed = _fit(data, run, max_steps=12)
+    _assert_bit_identical(reference, _run_state(resumed))
+    assert _metrics(tmp_path / "ref") == _metrics(run)
+
+
+def _sha256_of_files(directory) -> dict:
+    return {n: hashlib.sha256((directory / n).read_bytes()).hexdigest() for n in sorted(os.listdir(directory))}
+
+
+def test_a_file_size_limit_hit_by_the_cli_is_one_line_and_the_run_resumes(tmp_path):
+    """A real refusal by the kernel, without root: under RLIMIT_FSIZE (SIGXFSZ ignored, so the
+    write fails with EFBIG) the step-12 checkpoint cannot be written. The CLI prints one line
+    naming the checkpoint and exits with 2; no temporary directory is left; the step-8
+    checkpoint is byte for byte what it was, and the next run resumes from it."""
+    data = make_dataset(tmp_path / "d")
+    out = tmp_path / "run"
+    common = [sys.executable, "-m", "did_engine.train", "--data", data, "--out", str(out), "--no-progress",
+              "--batch-size", "8", "--save-every", "4", "--eval-batches", "1", "--ema", "0.9", "--no-plot"]
+    subprocess.run(common + ["--max-steps", "8"], env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    step8 = out / "checkpoints" / "step_00000008"
+    before = _sha256_of_files(step8)
+    sizes = {n: (step8 / n).stat().st_size for n in ("model.safetensors", "optimizer.safetensors")}
+    assert sizes["optimizer.safetensors"] > 1.5 * sizes["model.safetensors"]  # Adam: two moments per weight
+    limit = (sizes["model.safetensors"] + sizes["optimizer.safetensors"]) // 2  # the optimizer file cannot fit
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = subprocess.run(common + ["--max-steps", "16"], env=subprocess_env(), capture_output=True, timeout=300,
+                            preexec_fn=limit_file_size)
+    err = failed.stderr.decode()
+    assert failed.returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"did-engine train: error: cannot write the checkpoint "
+                           f"{out / 'checkpoints' / 'step_00000012'}: file too large"), err[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000008"]
+    assert _sha256_of_files(step8) == before
+
+    resumed = subprocess.run(common + ["--max-steps", "16"], env=subprocess_env(), capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert f"resumed from {step8} (step 8)" in resumed.stderr.decode()
+    assert [int(n[5:]) for n in sorted(os.listdir(out / "checkpoints"))] == [12, 16]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    """A kill during an append leaves half a record at the end of metrics.jsonl: the resume
+    warns, drops it and the log ends as an uninterrupted run's."""
+    data = make_dataset(tmp_path / "d")
+    _fit(data, tmp_path / "ref", max_steps=12, eval_every=4)  # evaluations at 4, 8, 12 in both runs
+    run = tmp_path / "torn"
+    _fit(data, run, max_steps=8, eval_every=4)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "epoch": 4, "loss": 3.1')  # no closing brace, no newline
+    capsys.readouterr()
+    _fit(data, run, max_steps=12, eval_every=4)
+    assert "dropped the torn last line" in capsys.readouterr().err
+    assert _metrics(run) == _metrics(tmp_path / "ref")
+
+
+def test_a_damaged_metrics_line_before_the_last_is_a_clear_error(tmp_path, capsys):
+    data = make_dataset(tmp_path / "d")
+    out = tmp_path / "run"
+    _fit(data, out, max_steps=4)
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = '{"step": 3, "lo\n'
+    path.write_text("".join(lines))
+    capsys.readouterr()
+    status = train_main(["--data", data, "--out", str(out), "--no-progress", "--max-steps", "8",
+                         "--batch-size", "16"])
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"did-engine train: error: {path}, line 3: not a JSON record (damaged log): repair or delete "
+                   "that line, then resume")
+    assert list_checkpoints(str(out))[-1].endswith("step_00000004")  # nothing was trained
 
 
 def test_cli_has_the_train_subcommand():

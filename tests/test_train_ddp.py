@@ -12,7 +12,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import REPO, env1, make_dataset
+from tests.test_train import REPO, make_dataset, subprocess_env
 
 # Each rank trains, then dumps its own weights: the check that ranks agree must not rely on
 # rank 0's checkpoint.
@@ -50,7 +50,7 @@ def test_torchrun_two_cpu_processes_match_single_process_training(tmp_path):
     data = make_dataset(tmp_path / "d")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {**env1(), "PYTHONPATH": REPO}
+    env = {**subprocess_env(), "PYTHONPATH": REPO}  # thread count left to torchrun (ranks share the cores)
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(worker), json.dumps(_config(data, ddp))]
