@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from did_engine.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json
+from did_engine.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_safetensors, read_json_file
 from did_engine.cli import HelpFormatter
 from did_engine.diffusion import SCHEDULES, draw_block_noise, get_schedule, nelbo_terms
 from did_engine.errors import UserError
@@ -867,22 +867,28 @@ class Trainer:
         return path
 
     def load(self, path: str) -> None:
-        with open(os.path.join(path, TRAINER_STATE)) as f:
-            state = json.load(f)
+        # Checkpoint files are read with the checks for untrusted files (regular files only,
+        # bounded JSON, safetensors headers checked before any data is read).
+        state_path = os.path.join(path, TRAINER_STATE)
+        state = read_json_file(state_path, max_bytes=64 << 20)
+        missing = [k for k in ("seq_len", "step", "epoch", "batch_in_epoch", "tokens_seen", "clip", "optimizer",
+                               "world_size") if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointError(f"{state_path} lacks {', '.join(missing)}: not a did_engine trainer state")
         if state["seq_len"] != self.seq_len:
             raise CheckpointError(f"{path} was trained on L = {state['seq_len']}, the dataset has L = {self.seq_len}")
-        weights = load_file(os.path.join(path, "model.safetensors"))
+        weights = load_safetensors(os.path.join(path, "model.safetensors"))
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         if self.ema is not None and os.path.isfile(os.path.join(path, "ema.safetensors")):
             self.ema.load_state_dict({k: v.to(self.device) for k, v in
-                                      load_file(os.path.join(path, "ema.safetensors")).items()})
+                                      load_safetensors(os.path.join(path, "ema.safetensors")).items()})
         _optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in
-                                              load_file(os.path.join(path, "optimizer.safetensors")).items()},
+                                              load_safetensors(os.path.join(path, "optimizer.safetensors")).items()},
                              state["optimizer"])
         rank_file = os.path.join(path, f"rng_rank{self.dist.rank}.safetensors")
         if state["world_size"] != self.dist.world_size or not os.path.isfile(rank_file):
             rank_file = os.path.join(path, "rng_rank0.safetensors")  # data order/noise still exact; dropout not
-        rng = load_file(rank_file)
+        rng = load_safetensors(rank_file)
         torch.set_rng_state(rng["rng.cpu"])
         self.noise_gen.set_state(rng["rng.noise"])
         if "rng.cuda" in rng and self.device.type == "cuda":
