@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -231,8 +232,12 @@ def test_pieces_encode_to_the_ids_of_the_whole_text(small_bpe, words, max_chars)
     text = "".join(words)
     pieces = text_pieces(text, max_chars)
     assert "".join(pieces) == text and all(len(p) <= max_chars for p in pieces)
-    forced = any(not (b[0] == " " and not a[-1].isspace() and not b[1:2].isspace())
-                 for a, b in zip(pieces, pieces[1:]))
+    forced = False
+    for left, right in zip(pieces, pieces[1:]):
+        if not (right[0] == " " and not left[-1].isspace() and not right[1:2].isspace()):
+            # A cut elsewhere only when the piece is full and had no word boundary to cut at.
+            assert len(left) == max_chars and re.search(r"\S \S", left + right[:2]) is None
+            forced = True
     if not forced:  # every cut between words: exactly the same ids
         assert sum((small_bpe.encode(p) for p in pieces), []) == small_bpe.encode(text)
 
@@ -260,6 +265,18 @@ def test_tokenize_long_documents_in_small_batches_gives_the_same_ids(small_bpe):
     assert [a.tolist() for a in ids] == [small_bpe.encode(d.text) for d in docs]
     # The wrapping of arrays equals the wrapping of lists.
     assert np.array_equal(fmt.wrap_documents(ids, 64, 0, 0), fmt.wrap_documents([a.tolist() for a in ids], 64, 0, 0))
+
+
+def test_wrap_documents_by_hand():
+    # Stream 1 2 3 EOS 4 EOS, cut into pieces of seq_len - 2 = 3, each wrapped in BOS ... EOS.
+    expected = [[9, 1, 2, 3, 8], [9, 8, 4, 8, 8]]
+    assert fmt.wrap_documents([[1, 2, 3], [4]], 5, 9, 8).tolist() == expected
+    assert fmt.wrap_documents(iter([np.array([1, 2, 3], dtype=np.int32), [4], []]), 5, 9, 8).tolist() == \
+        expected + []  # the empty document adds an EOS to the tail, which is dropped
+    assert fmt.wrap_documents([[1, 2]], 5, 9, 8).shape == (1, 5) and fmt.wrap_documents([], 5, 9, 8).shape == (0, 5)
+    for bad in ([[70000]], [[-1]]):
+        with pytest.raises(ValueError, match="uint16"):
+            fmt.wrap_documents(bad, 5, 9, 8)
 
 
 _LONG_LINE_SCRIPT = textwrap.dedent("""
@@ -292,15 +309,17 @@ _LONG_LINE_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow  # ~20-60 s: a 20 MB line is tokenized
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's unit")
 def test_one_long_line_is_prepared_in_bounded_time_and_memory(tmp_path):
-    """A 20 MB file that is one line: before streaming, 50 MB took 68 s and 8 GB."""
+    """A 20 MB file that is one line (the issue: a 50 MB line took 68 s and 8 GB)."""
     proc = subprocess.run([sys.executable, "-c", _LONG_LINE_SCRIPT, str(tmp_path), "20"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bytes"] >= 20e6
-    # The text itself (20 MB as str, a copy or two while cleaning) and its ~5 M token ids
-    # stay well under this; encoding the line whole took gigabytes.
-    assert result["peak_growth_mb"] < 700, result
+    # Measured on 2 shared cores: 206 MB and 28 s; before streaming, 3.0 GB and 43 s (50 MB:
+    # 433 MB and 72 s now). The text (20 MB, a copy or two while cleaning) and its 6.8 M
+    # token ids stay well under the bound; encoding the line whole took gigabytes. The time
+    # bound only guards against a hang: on a loaded machine the tokenizer's speed is all.
+    assert result["peak_growth_mb"] < 600, result
     assert result["seconds"] < 240, result
     # Every token of the line is in train.bin: about one token per word at least.
     assert result["tokens"] > result["bytes"] / 8, result

@@ -44,24 +44,28 @@ class DatasetError(UserError):
 
 def wrap_documents(documents, seq_len: int, bos_id: int, eos_id: int) -> np.ndarray:
     """Token id sequences (lists or arrays) -> uint16 [N, seq_len] sequences with BD3-LM's
-    wrapping (module doc). The stream is built in one int64 array, not a list of Python ints."""
+    wrapping (module doc). The stream is built straight into uint16 (ids checked per
+    document), not as a list of Python ints: a few bytes per token, whatever the corpus."""
     if seq_len < 3:
         raise ValueError(f"seq_len must be >= 3 (BOS, one token, EOS), got {seq_len}")
     piece = seq_len - 2
     documents = list(documents)  # walked twice
+    top = np.iinfo(np.uint16).max
+    if not (0 <= bos_id <= top and 0 <= eos_id <= top):
+        raise ValueError("token ids must fit in uint16")
     lengths = [len(doc) for doc in documents]
-    stream = np.empty(sum(lengths) + len(lengths), dtype=np.int64)
+    stream = np.empty(sum(lengths) + len(lengths), dtype=np.uint16)
     at = 0
     for doc, length in zip(documents, lengths):
-        stream[at:at + length] = doc
+        ids = np.asarray(doc, dtype=np.int64)
+        if length and (ids.min() < 0 or ids.max() > top):
+            raise ValueError("token ids must fit in uint16")
+        stream[at:at + length] = ids
         stream[at + length] = eos_id
         at += length + 1
     n = len(stream) // piece
-    body = stream[: n * piece].reshape(n, piece)
     out = np.empty((n, seq_len), dtype=np.uint16)
-    if body.size and (body.min() < 0 or body.max() > np.iinfo(np.uint16).max):
-        raise ValueError("token ids must fit in uint16")
-    out[:, 0], out[:, 1:-1], out[:, -1] = bos_id, body, eos_id
+    out[:, 0], out[:, 1:-1], out[:, -1] = bos_id, stream[: n * piece].reshape(n, piece), eos_id
     return out
 
 

@@ -132,7 +132,7 @@ def load_corpus(config: PrepareConfig) -> tuple[list, dict]:
 
 
 def tokenize(tokenizer: Tokenizer, documents: list, progress: bool, desc: str, batch_texts: int = 64,
-             batch_chars: int = 1 << 20) -> list:
+             batch_chars: int = 1 << 19) -> list:
     """Token ids (int32 arrays) of every document.
 
     Long documents are encoded in pieces cut at spaces (tokenizer.text_pieces: the same ids

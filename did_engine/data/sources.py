@@ -188,8 +188,12 @@ def sha256_bytes(data: bytes) -> str:
 # Cleaning
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028\u2029\ufeff]")
-_SPACES = re.compile(r"[ \t\u00a0]+")
-_WHITESPACE_RUN = re.compile(r"\s+")
+# Runs of spaces/tabs/no-break spaces, and runs of any whitespace, that are not already a
+# single " ": replacing each by " " gives what replacing every run would, but a line of
+# millions of words has no matches, where matching every space made re.sub hold millions
+# of slices (gigabytes for one 50 MB line).
+_SPACES = re.compile(r" [ \t\u00a0]+|[\t\u00a0][ \t\u00a0]*")
+_WHITESPACE_RUN = re.compile(r" \s+|[^\S ]\s*")
 _EMPTY_PARENS = re.compile(r"\(\s*[;,]?\s*\)")         # "( )", "(; )" left where pronunciations were cut
 _OPEN_PAREN_PUNCT = re.compile(r"\(\s*(?:[;,]\s*)+")      # "(; , born 1950)" -> "(born 1950)"
 _CLOSE_PAREN_PUNCT = re.compile(r"(?:\s*[;,])+\s*\)")     # "(Akhilleus, )" -> "(Akhilleus)"
