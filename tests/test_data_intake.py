@@ -267,6 +267,15 @@ def test_tokenize_long_documents_in_small_batches_gives_the_same_ids(small_bpe):
     assert np.array_equal(fmt.wrap_documents(ids, 64, 0, 0), fmt.wrap_documents([a.tolist() for a in ids], 64, 0, 0))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab.") + [" ", "\t", "\u00a0", "\n", "\r", "\x0b", "\u3000", "\x85"]),
+               max_size=40))
+def test_whitespace_patterns_replace_like_every_run(text):
+    """The patterns skip runs that are already one space; replacing gives what replacing every run does."""
+    assert S._SPACES.sub(" ", text) == re.sub(r"[ \t\u00a0]+", " ", text)
+    assert S._WHITESPACE_RUN.sub(" ", text).strip() == " ".join(text.split())
+
+
 def test_wrap_documents_by_hand():
     # Stream 1 2 3 EOS 4 EOS, cut into pieces of seq_len - 2 = 3, each wrapped in BOS ... EOS.
     expected = [[9, 1, 2, 3, 8], [9, 8, 4, 8, 8]]
