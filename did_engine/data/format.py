@@ -38,24 +38,34 @@ SPLITS = ("train", "validation")
 
 
 class DatasetError(UserError):
-    """A token dataset that is missing, damaged or does not fit the model."""
+    """A token dataset that is missing, damaged or does not fit the model, or a source of
+    `data prepare` that cannot be read (a missing path, a .jsonl line that is not JSON)."""
 
 
 def wrap_documents(documents, seq_len: int, bos_id: int, eos_id: int) -> np.ndarray:
-    """Token id lists -> uint16 [N, seq_len] sequences with BD3-LM's wrapping (module doc)."""
+    """Token id sequences (lists or arrays) -> uint16 [N, seq_len] sequences with BD3-LM's
+    wrapping (module doc). The stream is built straight into uint16 (ids checked per
+    document), not as a list of Python ints: a few bytes per token, whatever the corpus."""
     if seq_len < 3:
         raise ValueError(f"seq_len must be >= 3 (BOS, one token, EOS), got {seq_len}")
     piece = seq_len - 2
-    stream = []
-    for doc in documents:
-        stream.extend(doc)
-        stream.append(eos_id)
-    n = len(stream) // piece
-    body = np.asarray(stream[: n * piece], dtype=np.int64).reshape(n, piece)
-    out = np.empty((n, seq_len), dtype=np.uint16)
-    if body.size and (body.min() < 0 or body.max() > np.iinfo(np.uint16).max):
+    documents = list(documents)  # walked twice
+    top = np.iinfo(np.uint16).max
+    if not (0 <= bos_id <= top and 0 <= eos_id <= top):
         raise ValueError("token ids must fit in uint16")
-    out[:, 0], out[:, 1:-1], out[:, -1] = bos_id, body, eos_id
+    lengths = [len(doc) for doc in documents]
+    stream = np.empty(sum(lengths) + len(lengths), dtype=np.uint16)
+    at = 0
+    for doc, length in zip(documents, lengths):
+        ids = np.asarray(doc, dtype=np.int64)
+        if length and (ids.min() < 0 or ids.max() > top):
+            raise ValueError("token ids must fit in uint16")
+        stream[at:at + length] = ids
+        stream[at + length] = eos_id
+        at += length + 1
+    n = len(stream) // piece
+    out = np.empty((n, seq_len), dtype=np.uint16)
+    out[:, 0], out[:, 1:-1], out[:, -1] = bos_id, stream[: n * piece].reshape(n, piece), eos_id
     return out
 
 

