@@ -441,6 +441,12 @@ class HeadsWorkspace {
     transposed_ = rows > kLanes;
     rows_padded_ = transposed_ ? round_up(rows, 2 * kLanes) : rows;
     if (transposed_) std::fill(q_, q_ + heads_ * rows_cap_ * dp_, 0.f);  // padding rows stay 0
+    reset_state();
+  }
+
+  // Clears the accumulators and softmax state, keeping the queries (the next key range of
+  // the same rows starts from scratch).
+  void reset_state() {
     for (int64_t g = 0; g < heads_; ++g) {
       std::fill(acc(g), acc(g) + rows_ * dp_, 0.f);
       std::fill(row_max(g), row_max(g) + rows_padded_, kNegInf);
@@ -500,13 +506,26 @@ class HeadsWorkspace {
     rescale_rows(acc(g), dp_, rows_, alpha_);
   }
 
-  // acc(g) += P . v [keys, ldv] with the probabilities left by scores_and_softmax.
+  // acc(g) += P . v [keys, ldv] with the probabilities left by scores_and_softmax, for
+  // keys [t0, t0 + keys) masked by key_end (may be null) as there.
+  //
+  // A masked key's value never enters the sum of a row that does not see it: its weight
+  // is 0, but 0 x NaN or 0 x inf would still be NaN. In a masked tile each run of rows
+  // with the same visible count (key_end is non-decreasing) takes only its visible keys;
+  // a row's own additions are the same as in an unmasked tile, minus the zero terms.
   template <typename T>
-  void accumulate_pv(int64_t g, const T* v, int64_t ldv, int64_t keys) {
-    if (transposed_) {
-      tile_pv(scores(g), 1, rows_padded_, rows_, v, ldv, keys, dp_, acc(g));
-    } else {
-      tile_pv(scores(g), kKeyTile, 1, rows_, v, ldv, keys, dp_, acc(g));
+  void accumulate_pv(int64_t g, const T* v, int64_t ldv, int64_t t0, int64_t keys, const int64_t* key_end) {
+    const int64_t p_row = transposed_ ? 1 : kKeyTile, p_key = transposed_ ? rows_padded_ : 1;
+    const float* p = scores(g);
+    if (key_end == nullptr || key_end[0] >= t0 + keys) {
+      tile_pv(p, p_row, p_key, rows_, v, ldv, keys, dp_, acc(g));
+      return;
+    }
+    auto visible = [&](int64_t r) { return std::clamp<int64_t>(key_end[r] - t0, 0, keys); };
+    for (int64_t r0 = 0, r1 = 0; r0 < rows_; r0 = r1) {
+      const int64_t seen = visible(r0);
+      for (r1 = r0 + 1; r1 < rows_ && visible(r1) == seen;) ++r1;
+      if (seen > 0) tile_pv(p + r0 * p_row, p_row, p_key, r1 - r0, v, ldv, seen, dp_, acc(g) + r0 * dp_);
     }
   }
 
@@ -619,9 +638,9 @@ void attend_heads(HeadsWorkspace& ws, const HeadKeys<T>& keys, int64_t begin, in
     for (int64_t g = 0; g < heads; ++g) {
       if (v_next_bytes > 0) prefetch_part(v_rows + n_keys * keys.v_key_stride, v_next_bytes, g, heads);
       if (v_in_place) {
-        ws.accumulate_pv(g, v_rows + g * keys.v_head_stride, keys.v_key_stride, n_keys);
+        ws.accumulate_pv(g, v_rows + g * keys.v_head_stride, keys.v_key_stride, t0, n_keys, key_end);
       } else {
-        ws.accumulate_pv(g, ws.kv_tile(g), dp, n_keys);
+        ws.accumulate_pv(g, ws.kv_tile(g), dp, t0, n_keys, key_end);
       }
     }
   }
