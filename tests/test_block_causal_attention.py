@@ -201,3 +201,18 @@ def test_non_finite_values_stay_local(shape, dtype, where, special):
         # (an inf key may instead only drop out of the softmax).
         if math.isnan(special) or where == "v":
             assert not torch.isfinite(out[mask]).all(dim=-1).any(), f"{name}: an output that sees it stayed finite"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keys_scoring_minus_inf_drop_out(dtype, check_lowp_error):
+    # Keys 0..34 score -inf for every query (q > 0, a -inf element): whole key tiles of -inf
+    # must not poison the running max (-inf - -inf = NaN) of the rows that see later,
+    # finite keys; rows that see only those keys are NaN in the reference and the kernel.
+    q, k, v = make_inputs(2, 70, 4, 2, 24, dtype=dtype)
+    q = q.abs() + 0.1
+    k[:, :35, :, 5] = -math.inf
+    out = ops.block_causal_attention(q, k, v, 5)
+    ref64 = reference_block_causal_attention(q.double(), k.double(), v.double(), 5)
+    assert torch.isnan(ref64[:, :35]).all() and torch.isnan(out[:, :35]).all()
+    ref_low = None if dtype == torch.float32 else reference_block_causal_attention(q, k, v, 5)[:, 35:]
+    check_lowp_error(out[:, 35:], ref64[:, 35:], ref_low)

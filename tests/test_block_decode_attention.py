@@ -220,3 +220,15 @@ def test_non_finite_values_stay_local(shape, dtype, where):
         mask[b0, :, head * group : (head + 1) * group] = True
     assert torch.equal(out[~mask], clean[~mask])
     assert not torch.isfinite(out[mask]).all(dim=-1).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_scoring_minus_inf_drops_out(dtype, check_lowp_error):
+    # q > 0 and a -inf in a key element: that key scores -inf for every query and simply
+    # gets weight 0. The first key (a tile, or a split, of its own) must not poison the
+    # running max with -inf - -inf = NaN.
+    args = list(make_inputs(2, 4, 4, 2, 16, 300, [1, 300], dtype=dtype))
+    args[0] = args[0].abs() + 0.1
+    args[1] = args[1].clone()
+    args[1][:, 0, :, 3] = -math.inf
+    check_against_reference(check_lowp_error, args)

@@ -240,6 +240,13 @@ inline void scores_transposed(const float* k, int64_t ldk, int64_t keys, const f
 // Online softmax. Each turns a score tile into probabilities relative to the rows' new
 // running max, updates max and sum, and writes alpha[r] = exp(old max - new max), the
 // factor the row's accumulator must be scaled by.
+//
+// A row whose scores so far are all -inf (an -inf key, or a fully masked tile) keeps max
+// -inf and sum 0: exponentials are taken relative to 0 instead of -inf, since -inf - -inf
+// would be NaN and poison the row for its later, finite keys.
+
+inline Vec finite_base(const Vec& max) { return Vec::blendv(max, Vec(0.f), max == Vec(kNegInf)); }
+inline float finite_base(float max) { return max == kNegInf ? 0.f : max; }
 
 // Scores row-major s [rows, lds], first `keys` columns valid.
 inline void softmax_row_major(float* s, int64_t lds, int64_t rows, int64_t keys, float* row_max, float* row_sum,
@@ -259,11 +266,11 @@ inline void softmax_row_major(float* s, int64_t lds, int64_t rows, int64_t keys,
     // Lanes past n load as 0 and give alpha = 1; they are never stored.
     const Vec old_max = Vec::loadu(row_max + r0, n);
     const Vec new_max = at::vec::maximum(old_max, Vec::loadu(tile_max, n));
-    (old_max - new_max).exp_u20().store(alpha + r0, n);  // 0 on a row's first tile (old = -inf)
+    (old_max - finite_base(new_max)).exp_u20().store(alpha + r0, n);  // 0 on a row's first tile (old = -inf)
     new_max.store(row_max + r0, n);
     for (int64_t i = 0; i < n; ++i) {
       float* sr = s + (r0 + i) * lds;
-      const Vec m(row_max[r0 + i]);
+      const Vec m(finite_base(row_max[r0 + i]));
       Vec sum(0.f);
       for (int64_t t = 0; t < keys_padded; t += kLanes) {
         const Vec p = (Vec::loadu(sr + t) - m).exp_u20();
@@ -284,10 +291,11 @@ inline void softmax_transposed(float* st, int64_t rows_padded, int64_t keys, flo
     for (int64_t t = 1; t < keys; ++t) tile_max = at::vec::maximum(tile_max, Vec::loadu(col + t * rows_padded));
     const Vec old_max = Vec::loadu(row_max + r);
     const Vec new_max = at::vec::maximum(old_max, tile_max);
-    const Vec scale = (old_max - new_max).exp_u20();
+    const Vec base = finite_base(new_max);
+    const Vec scale = (old_max - base).exp_u20();
     Vec sum(0.f);
     for (int64_t t = 0; t < keys; ++t) {
-      const Vec p = (Vec::loadu(col + t * rows_padded) - new_max).exp_u20();
+      const Vec p = (Vec::loadu(col + t * rows_padded) - base).exp_u20();
       p.store(col + t * rows_padded);
       sum = sum + p;
     }
