@@ -455,6 +455,8 @@ def main(argv=None):
     parser.add_argument("--spec", help="replay one JSON spec in this process and print its verdict")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--show", type=int, default=5, help="examples printed per failing outcome")
+    parser.add_argument("--per-call-seconds", type=float, default=PER_CALL_SECONDS,
+                        help="a call running longer counts as a hang")
     args = parser.parse_args(argv)
     if args.worker:
         worker_main()
@@ -463,7 +465,7 @@ def main(argv=None):
         print(classify(json.loads(args.spec)))
         return 0
     rng = random.Random(args.seed)
-    worker = Worker()
+    worker = Worker(args.per_call_seconds)
     counts = {k: 0 for k in ("ok", "refused", "unclear", "wrong", "crash", "hang")}
     examples = {}
     start = time.time()
@@ -483,7 +485,7 @@ def main(argv=None):
     print(f"  succeeded and matched the reference: {counts['ok']}")
     print(f"  refused with an error naming an argument: {counts['refused']}")
     print(f"crashes: {counts['crash']}")
-    print(f"hangs (> {PER_CALL_SECONDS:.0f} s): {counts['hang']}")
+    print(f"hangs (> {args.per_call_seconds:g} s): {counts['hang']}")
     print(f"unclear errors: {counts['unclear']}")
     print(f"silent wrong answers: {counts['wrong']}")
     for outcome, items in examples.items():
