@@ -10,8 +10,14 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace did_engine {
 
@@ -64,10 +70,82 @@ inline at::Tensor with_unit_last_stride(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// The kernels compute in float32, so a scale must be finite as a float32 (a double such as
+// 1e300 would become inf and turn every score into inf or NaN).
 inline double resolve_scale(std::optional<double> scale, int64_t head_dim, const char* op) {
   if (!scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
   DID_CHECK(std::isfinite(*scale), op, "scale must be finite, got ", *scale);
+  DID_CHECK(std::abs(*scale) <= FLT_MAX, op, "scale must fit in float32 (|scale| <= ", FLT_MAX, "), got ", *scale);
   return *scale;
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory overlap of tensors written in place. Proven from sizes, strides and storage
+// offsets alone (no data is read); layouts that cannot be proven free of overlap are
+// refused, which only excludes exotic views no cache or token buffer has.
+
+// Whether no two elements of a layout share memory: with the dims of size > 1 sorted by
+// stride, each stride must exceed the largest offset the smaller dims reach (nested
+// layouts: contiguous tensors, slices, permutations, interleaved views). A stride-0 dim
+// of size > 1 (an expanded tensor) always fails.
+inline bool provably_non_overlapping(const std::vector<std::pair<int64_t, int64_t>>& stride_size) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (const auto& [stride, size] : stride_size) {
+    if (size == 0) return true;  // no elements at all
+    if (size > 1) dims.emplace_back(std::abs(stride), size);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // largest offset of the dims so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return false;
+    reach += (size - 1) * stride;
+  }
+  return true;
+}
+
+inline std::vector<std::pair<int64_t, int64_t>> stride_size_pairs(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t i = 0; i < t.dim(); ++i) pairs.emplace_back(t.stride(i), t.size(i));
+  return pairs;
+}
+
+// A tensor written in place must not have two elements at one address.
+inline void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* name) {
+  DID_CHECK(provably_non_overlapping(stride_size_pairs(t)), op, name,
+            " has elements that share memory (an expanded or stride-0 view, or overlapping strides ",
+            t.strides(), " for shape ", shape_str(t), "); it is written in place, so it must not");
+}
+
+// Bytes [first, last] of the storage that a tensor's elements span (numel > 0).
+inline std::pair<int64_t, int64_t> storage_byte_span(const at::Tensor& t) {
+  int64_t lo = t.storage_offset(), hi = t.storage_offset();
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    const int64_t extent = (t.size(i) - 1) * t.stride(i);
+    (extent < 0 ? lo : hi) += extent;
+  }
+  return {lo * t.itemsize(), (hi + 1) * t.itemsize() - 1};
+}
+
+// Whether a and b share no element: different storages, disjoint byte ranges, or two
+// views with one layout whose elements interleave without meeting (k = kv[:, :, 0] and
+// v = kv[:, :, 1] of one buffer): the layout plus a dim of size 2 whose stride is the
+// offset between them must be free of overlap.
+inline bool provably_disjoint(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return true;
+  if (!a.storage().is_alias_of(b.storage())) return true;
+  const auto [a_lo, a_hi] = storage_byte_span(a);
+  const auto [b_lo, b_hi] = storage_byte_span(b);
+  if (a_hi < b_lo || b_hi < a_lo) return true;
+  if (a.itemsize() != b.itemsize() || a.sizes() != b.sizes() || a.strides() != b.strides()) return false;
+  auto layout = stride_size_pairs(a);
+  layout.emplace_back(std::abs(a.storage_offset() - b.storage_offset()), 2);
+  return a.storage_offset() != b.storage_offset() && provably_non_overlapping(layout);
+}
+
+inline void check_disjoint(const at::Tensor& a, const at::Tensor& b, const char* op, const char* a_name,
+                           const char* b_name) {
+  DID_CHECK(provably_disjoint(a, b), op, a_name, " and ", b_name, " share memory (views of one buffer that overlap); ",
+            a_name, " is written in place, so they must not");
 }
 
 // q [B, n, H, D]; k_cache, v_cache [B, S_max, H_kv, D]; k_block, v_block [B, n, H_kv, D];
@@ -97,7 +175,7 @@ inline void check_block_decode_attention(const at::Tensor& q, const at::Tensor& 
   const int64_t B = q.size(0), n = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t S_max = k_cache.size(1), H_kv = k_cache.size(2);
   DID_CHECK(n >= 1, op, "q must hold at least one query (n >= 1), got shape ", shape_str(q));
-  DID_CHECK(D >= 1, op, "head_dim must be >= 1, got shape ", shape_str(q));
+  DID_CHECK(D >= 1, op, "q must have a head_dim (last dim) >= 1, got shape ", shape_str(q));
   DID_CHECK(H_kv >= 1 && H % H_kv == 0, op, "q has ", H, " heads, which is not a multiple of the ", H_kv,
             " key/value heads of k_cache");
   DID_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, op, "k_cache must be [B=", B, ", S_max, H_kv, D=", D,
@@ -141,7 +219,20 @@ inline void check_kv_commit(const at::Tensor& k_cache, const at::Tensor& v_cache
   DID_CHECK(cache_lens.size(0) == B, op, "cache_lens must have B=", B, " entries, got ", cache_lens.size(0));
   check_last_dim_contiguous(k_cache, op, "k_cache");
   check_last_dim_contiguous(v_cache, op, "v_cache");
-  DID_CHECK(!k_cache.is_same(v_cache), op, "k_cache and v_cache must be different tensors");
+  // Outputs: each free of internal overlap (an expanded cache_lens [6, 6, 6] would advance
+  // one counter three times), and no output sharing memory with another argument.
+  check_no_internal_overlap(k_cache, op, "k_cache");
+  check_no_internal_overlap(v_cache, op, "v_cache");
+  check_no_internal_overlap(cache_lens, op, "cache_lens");
+  check_disjoint(k_cache, v_cache, op, "k_cache", "v_cache");
+  check_disjoint(cache_lens, k_cache, op, "cache_lens", "k_cache");
+  check_disjoint(cache_lens, v_cache, op, "cache_lens", "v_cache");
+  const std::pair<const at::Tensor*, const char*> outputs[] = {
+      {&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&cache_lens, "cache_lens"}};
+  for (const auto& [out, out_name] : outputs) {
+    check_disjoint(*out, k_block, op, out_name, "k_block");
+    check_disjoint(*out, v_block, op, out_name, "v_block");
+  }
 }
 
 // q, k, v [B, S, H(_kv), D]; block_size >= 1.
@@ -158,7 +249,7 @@ inline void check_block_causal_attention(const at::Tensor& q, const at::Tensor& 
   check_same_device(v, q, op, "v", "q");
   const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t H_kv = k.size(2);
-  DID_CHECK(D >= 1, op, "head_dim must be >= 1, got shape ", shape_str(q));
+  DID_CHECK(D >= 1, op, "q must have a head_dim (last dim) >= 1, got shape ", shape_str(q));
   DID_CHECK(k.size(0) == B && k.size(1) == S && k.size(3) == D, op, "k must be [B=", B, ", S=", S, ", H_kv, D=", D,
             "], got ", shape_str(k));
   DID_CHECK(H_kv >= 1 && H % H_kv == 0, op, "q has ", H, " heads, which is not a multiple of the ", H_kv,

@@ -145,3 +145,74 @@ def test_fuzz_against_reference(data, check_lowp_error):
     scale = data.draw(st.one_of(st.none(), st.floats(0.05, 2.0)), label="scale")
     q, k, v = make_inputs(B, S, H_kv * group, H_kv, D, dtype=dtype)
     check_against_reference(check_lowp_error, q, k, v, block_size, scale=scale)
+
+
+def test_scale_beyond_float32_and_non_int_block_size_are_refused():
+    q, k, v = make_inputs(1, 6, 2, 2, 8)
+    for scale in (1e300, -1e39):
+        with pytest.raises(ValueError, match="scale must fit in float32"):
+            op(q, k, v, 2, scale)
+    for block_size in (2.5, 2.0, True, "2", None):
+        with pytest.raises(ValueError, match="block_size must be an int"):
+            ops.block_causal_attention(q, k, v, block_size)
+    # An exact integer of another type is not truncated, so it is accepted.
+    assert torch.equal(ops.block_causal_attention(q, k, v, torch.tensor(3)), ops.block_causal_attention(q, k, v, 3))
+
+
+# ---------------------------------------------------------------------------------------
+# NaN and inf stay where they are: a non-finite value reaches exactly the outputs that see
+# it; every other output is bit-equal to the clean run (kernel and reference alike).
+
+
+def seen_by(shape, block_size, where, b0, p0, h0):
+    """[B, S, H] bool: the outputs that see element (b0, p0, h0, :) of q, k or v."""
+    B, S, H, H_kv = shape
+    mask = torch.zeros(B, S, H, dtype=torch.bool)
+    if where == "q":
+        mask[b0, p0, h0] = True
+    else:  # key/value p0 of kv head h0: every query of a block >= p0's, heads of its group
+        group = H // H_kv
+        first = p0 // block_size * block_size
+        mask[b0, first:, h0 * group : (h0 + 1) * group] = True
+    return mask
+
+
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 6, 2, 20, 5), (1, 70, 2, 2, 64, 16), (2, 40, 24, 4, 16, 1)],
+                         ids=["gqa-bs5", "bs16", "transposed-causal"])
+def test_non_finite_values_stay_local(shape, dtype, where, special):
+    B, S, H, H_kv, D, block_size = shape
+    gen = torch.Generator().manual_seed(hash((shape, where)) % 2**31)
+    q, k, v = make_inputs(B, S, H, H_kv, D, dtype=dtype)
+    dirty = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    heads = H if where == "q" else H_kv
+    b0, p0, h0, d0 = (int(torch.randint(0, m, (1,), generator=gen)) for m in (B, S, heads, D))
+    dirty[where][b0, p0, h0, d0] = special
+    mask = seen_by((B, S, H, H_kv), block_size, where, b0, p0, h0)
+
+    for name, fn in [("kernel", op), ("reference", reference_block_causal_attention)]:
+        cast = (lambda t: t) if name == "kernel" else (lambda t: t.double())
+        clean = fn(cast(q), cast(k), cast(v), block_size)
+        out = fn(cast(dirty["q"]), cast(dirty["k"]), cast(dirty["v"]), block_size)
+        assert torch.equal(out[~mask], clean[~mask]), f"{name}: the value leaked to outputs that do not see it"
+        # NaN anywhere and +-inf in a value make every output that sees them non-finite
+        # (an inf key may instead only drop out of the softmax).
+        if math.isnan(special) or where == "v":
+            assert not torch.isfinite(out[mask]).all(dim=-1).any(), f"{name}: an output that sees it stayed finite"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keys_scoring_minus_inf_drop_out(dtype, check_lowp_error):
+    # Keys 0..34 score -inf for every query (q > 0, a -inf element): whole key tiles of -inf
+    # must not poison the running max (-inf - -inf = NaN) of the rows that see later,
+    # finite keys; rows that see only those keys are NaN in the reference and the kernel.
+    q, k, v = make_inputs(2, 70, 4, 2, 24, dtype=dtype)
+    q = q.abs() + 0.1
+    k[:, :35, :, 5] = -math.inf
+    out = ops.block_causal_attention(q, k, v, 5)
+    ref64 = reference_block_causal_attention(q.double(), k.double(), v.double(), 5)
+    assert torch.isnan(ref64[:, :35]).all() and torch.isnan(out[:, :35]).all()
+    ref_low = None if dtype == torch.float32 else reference_block_causal_attention(q, k, v, 5)[:, 35:]
+    check_lowp_error(out[:, 35:], ref64[:, 35:], ref_low)

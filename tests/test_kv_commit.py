@@ -206,7 +206,29 @@ BAD_INPUTS = {
     "k_cache strided last dim": (bad(k_cache=lambda a: torch.randn(3, 12, 2, 8)[..., ::2]), "k_cache"),
     "v_cache strided last dim": (bad(v_cache=lambda a: torch.randn(3, 12, 2, 4, 2)[..., 0]), "v_cache"),
     "v_cache is k_cache": (bad(v_cache=lambda a: a["k_cache"]), "v_cache"),
+    # Aliased outputs (each would silently corrupt the caches or the lengths).
+    "cache_lens expanded (stride 0)": (bad(cache_lens=lambda a: torch.tensor([2], dtype=torch.int32).expand(3)),
+                                       "cache_lens has elements that share memory"),
+    "k_cache expanded over the batch": (bad(k_cache=lambda a: a["k_cache"][:1].expand(3, 12, 2, 4)),
+                                        "k_cache has elements that share memory"),
+    "v_cache heads expanded": (bad(v_cache=lambda a: a["v_cache"][:, :, :1].expand(3, 12, 2, 4)),
+                               "v_cache has elements that share memory"),
+    "k_cache with overlapping strides": (bad(k_cache=lambda a: torch.randn(200).as_strided((3, 12, 2, 4), (8, 8, 4, 1))),
+                                         "k_cache has elements that share memory"),
+    "k_cache and v_cache overlap": (bad(k_cache=lambda a: torch.randn(3, 13, 2, 4)[:, :12],
+                                        v_cache=lambda a: _one_key_later(a["k_cache"])),
+                                    "k_cache and v_cache share memory"),
+    "cache_lens inside k_cache": (bad(cache_lens=lambda a: a["k_cache"].view(torch.int32).view(-1)[5:8]),
+                                  "cache_lens and k_cache share memory"),
+    "k_block is a view of k_cache": (bad(k_block=lambda a: a["k_cache"][:, 9:]), "k_cache and k_block share memory"),
+    "v_block overlaps v_cache": (bad(v_block=lambda a: a["v_cache"][:, 2:5]), "v_cache and v_block share memory"),
+    "v_block overlaps k_cache": (bad(v_block=lambda a: a["k_cache"][:, :3]), "k_cache and v_block share memory"),
 }
+
+
+def _one_key_later(cache):
+    # The same layout one key row further into the buffer: the two views overlap.
+    return cache.as_strided(cache.shape, cache.stride(), cache.storage_offset() + cache.stride(1))
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -264,3 +286,55 @@ def test_fuzz_against_reference(B, S_max, H_kv, D, n_frac, dtype, block_layout, 
     elif block_layout == "strided_last":
         k_block = rand((B, n, H_kv, 2 * D), dtype, gen)[..., ::2]
     run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+
+
+# ---------------------------------------------------------------------------------------
+# Aliasing that is fine, and absurd shapes
+
+
+def test_disjoint_views_and_aliased_inputs_are_accepted():
+    # Caches as the two halves of one buffer; blocks expanded over the batch (stride 0) and
+    # k_block and v_block one tensor: inputs may alias each other, outputs may not.
+    B, S_max, H_kv, D, n = 3, 16, 2, 8, 4
+    kv = torch.randn(2, B, S_max, H_kv, D)
+    block = torch.randn(1, n, H_kv, D).expand(B, n, H_kv, D)
+    cache_lens = torch.tensor([0, 5, 12], dtype=torch.int32)
+    want_k, want_v, want_lens = reference_kv_commit(kv[0], kv[1], block, block, cache_lens)
+    kv_commit(kv[0], kv[1], block, block, cache_lens)
+    assert torch.equal(kv[0], want_k) and torch.equal(kv[1], want_v) and torch.equal(cache_lens, want_lens)
+
+
+ABSURD_SHAPES = """
+import time, torch, did_engine
+from did_engine.ops import kv_commit
+huge = 2**40
+one = lambda *shape: torch.zeros(shape)
+calls = {
+    "cache_lens": lambda: kv_commit(one(2, 8, 1, 4), one(2, 8, 1, 4), one(2, 1, 1, 4), one(2, 1, 1, 4),
+                                    torch.zeros(1, dtype=torch.int32).expand(2)),
+    "k_cache": lambda: kv_commit(one(1, 1, 1, 1).expand(huge, 8, 1, 1), one(1, 1, 1, 1).expand(huge, 8, 1, 1),
+                                 one(1, 1, 1, 1).expand(huge, 8, 1, 1), one(1, 1, 1, 1).expand(huge, 8, 1, 1),
+                                 torch.zeros(1, dtype=torch.int32).expand(huge)),
+    "v_cache": lambda: kv_commit(one(4, 8, 1, 4), one(1, 1, 1, 4).expand(4, 8, 1, 4), one(1, 1, 1, 1).expand(4, 8, 1, 4),
+                                 one(1, 1, 1, 1).expand(4, 8, 1, 4), torch.zeros(4, dtype=torch.int32)),
+}
+for name, call in calls.items():
+    start = time.time()
+    try:
+        call()
+        raise SystemExit(f"{name}: accepted")
+    except ValueError as e:
+        assert name in str(e), (name, str(e))
+    assert time.time() - start < 1.0, (name, time.time() - start)
+print("refused")
+"""
+
+
+def test_absurd_expanded_shapes_are_refused_at_once():
+    # 2^40 rows of stride 0 must be refused by metadata checks, not looped over: in a
+    # subprocess with a timeout, so a hang fails the test instead of the suite.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", ABSURD_SHAPES], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "refused" in result.stdout, result.stderr[-2000:]

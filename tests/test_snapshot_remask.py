@@ -446,3 +446,27 @@ def test_fuzz_against_reference(B, S, pattern, count_form, holes, layout, extra_
         counts = random_counts(eligible, gen, torch.int32 if count_form == "int32" else torch.int64)
         max_k = min(S, int(counts.max()) + extra_width)
     run_and_compare(tokens, confidence, counts, eligible, max_k=max_k, reset_value=-3.0)
+
+
+def test_wrapper_refuses_non_int_scalars_and_counts_above_s():
+    # Never truncated by int(), and a count above the row length names num_remask (not the
+    # max_k it would have become).
+    args = valid_args()
+    tokens, confidence, eligible = args["tokens"], args["confidence"], args["eligible"]
+    cases = [
+        (dict(num_remask=21), r"num_remask = 21 exceeds the row length S=20"),
+        (dict(num_remask=torch.tensor([1, 21, 0])), r"num_remask.max\(\) = 21 exceeds the row length S=20"),
+        (dict(num_remask=True), "num_remask must be an int"),
+        (dict(num_remask=2, max_k=2.5), "max_k must be an int"),
+        (dict(num_remask=2, max_k=True), "max_k must be an int"),
+        (dict(num_remask=2, mask_id=7.5), "mask_id must be an int"),
+        (dict(num_remask=2, mask_id=2**63), "mask_id = .* does not fit in int64"),
+        (dict(num_remask=2, reset_value="x"), "reset_value must be a float"),
+        (dict(num_remask=torch.tensor([1.0, 2.0, 0.0])), "num_remask must be an int"),
+    ]
+    for kwargs, pattern in cases:
+        kwargs.setdefault("mask_id", MASK_ID)
+        t, c = tokens.clone(), confidence.clone()
+        with pytest.raises(ValueError, match=pattern):
+            snapshot_remask(t, c, eligible=eligible, **kwargs)
+        assert torch.equal(t, tokens)

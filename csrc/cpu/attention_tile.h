@@ -240,6 +240,13 @@ inline void scores_transposed(const float* k, int64_t ldk, int64_t keys, const f
 // Online softmax. Each turns a score tile into probabilities relative to the rows' new
 // running max, updates max and sum, and writes alpha[r] = exp(old max - new max), the
 // factor the row's accumulator must be scaled by.
+//
+// A row whose scores so far are all -inf (an -inf key, or a fully masked tile) keeps max
+// -inf and sum 0: exponentials are taken relative to 0 instead of -inf, since -inf - -inf
+// would be NaN and poison the row for its later, finite keys.
+
+inline Vec finite_base(const Vec& max) { return Vec::blendv(max, Vec(0.f), max == Vec(kNegInf)); }
+inline float finite_base(float max) { return max == kNegInf ? 0.f : max; }
 
 // Scores row-major s [rows, lds], first `keys` columns valid.
 inline void softmax_row_major(float* s, int64_t lds, int64_t rows, int64_t keys, float* row_max, float* row_sum,
@@ -259,11 +266,11 @@ inline void softmax_row_major(float* s, int64_t lds, int64_t rows, int64_t keys,
     // Lanes past n load as 0 and give alpha = 1; they are never stored.
     const Vec old_max = Vec::loadu(row_max + r0, n);
     const Vec new_max = at::vec::maximum(old_max, Vec::loadu(tile_max, n));
-    (old_max - new_max).exp_u20().store(alpha + r0, n);  // 0 on a row's first tile (old = -inf)
+    (old_max - finite_base(new_max)).exp_u20().store(alpha + r0, n);  // 0 on a row's first tile (old = -inf)
     new_max.store(row_max + r0, n);
     for (int64_t i = 0; i < n; ++i) {
       float* sr = s + (r0 + i) * lds;
-      const Vec m(row_max[r0 + i]);
+      const Vec m(finite_base(row_max[r0 + i]));
       Vec sum(0.f);
       for (int64_t t = 0; t < keys_padded; t += kLanes) {
         const Vec p = (Vec::loadu(sr + t) - m).exp_u20();
@@ -284,10 +291,11 @@ inline void softmax_transposed(float* st, int64_t rows_padded, int64_t keys, flo
     for (int64_t t = 1; t < keys; ++t) tile_max = at::vec::maximum(tile_max, Vec::loadu(col + t * rows_padded));
     const Vec old_max = Vec::loadu(row_max + r);
     const Vec new_max = at::vec::maximum(old_max, tile_max);
-    const Vec scale = (old_max - new_max).exp_u20();
+    const Vec base = finite_base(new_max);
+    const Vec scale = (old_max - base).exp_u20();
     Vec sum(0.f);
     for (int64_t t = 0; t < keys; ++t) {
-      const Vec p = (Vec::loadu(col + t * rows_padded) - new_max).exp_u20();
+      const Vec p = (Vec::loadu(col + t * rows_padded) - base).exp_u20();
       p.store(col + t * rows_padded);
       sum = sum + p;
     }
@@ -441,6 +449,12 @@ class HeadsWorkspace {
     transposed_ = rows > kLanes;
     rows_padded_ = transposed_ ? round_up(rows, 2 * kLanes) : rows;
     if (transposed_) std::fill(q_, q_ + heads_ * rows_cap_ * dp_, 0.f);  // padding rows stay 0
+    reset_state();
+  }
+
+  // Clears the accumulators and softmax state, keeping the queries (the next key range of
+  // the same rows starts from scratch).
+  void reset_state() {
     for (int64_t g = 0; g < heads_; ++g) {
       std::fill(acc(g), acc(g) + rows_ * dp_, 0.f);
       std::fill(row_max(g), row_max(g) + rows_padded_, kNegInf);
@@ -500,13 +514,26 @@ class HeadsWorkspace {
     rescale_rows(acc(g), dp_, rows_, alpha_);
   }
 
-  // acc(g) += P . v [keys, ldv] with the probabilities left by scores_and_softmax.
+  // acc(g) += P . v [keys, ldv] with the probabilities left by scores_and_softmax, for
+  // keys [t0, t0 + keys) masked by key_end (may be null) as there.
+  //
+  // A masked key's value never enters the sum of a row that does not see it: its weight
+  // is 0, but 0 x NaN or 0 x inf would still be NaN. In a masked tile each run of rows
+  // with the same visible count (key_end is non-decreasing) takes only its visible keys;
+  // a row's own additions are the same as in an unmasked tile, minus the zero terms.
   template <typename T>
-  void accumulate_pv(int64_t g, const T* v, int64_t ldv, int64_t keys) {
-    if (transposed_) {
-      tile_pv(scores(g), 1, rows_padded_, rows_, v, ldv, keys, dp_, acc(g));
-    } else {
-      tile_pv(scores(g), kKeyTile, 1, rows_, v, ldv, keys, dp_, acc(g));
+  void accumulate_pv(int64_t g, const T* v, int64_t ldv, int64_t t0, int64_t keys, const int64_t* key_end) {
+    const int64_t p_row = transposed_ ? 1 : kKeyTile, p_key = transposed_ ? rows_padded_ : 1;
+    const float* p = scores(g);
+    if (key_end == nullptr || key_end[0] >= t0 + keys) {
+      tile_pv(p, p_row, p_key, rows_, v, ldv, keys, dp_, acc(g));
+      return;
+    }
+    auto visible = [&](int64_t r) { return std::clamp<int64_t>(key_end[r] - t0, 0, keys); };
+    for (int64_t r0 = 0, r1 = 0; r0 < rows_; r0 = r1) {
+      const int64_t seen = visible(r0);
+      for (r1 = r0 + 1; r1 < rows_ && visible(r1) == seen;) ++r1;
+      if (seen > 0) tile_pv(p + r0 * p_row, p_row, p_key, r1 - r0, v, ldv, seen, dp_, acc(g) + r0 * dp_);
     }
   }
 
@@ -619,9 +646,9 @@ void attend_heads(HeadsWorkspace& ws, const HeadKeys<T>& keys, int64_t begin, in
     for (int64_t g = 0; g < heads; ++g) {
       if (v_next_bytes > 0) prefetch_part(v_rows + n_keys * keys.v_key_stride, v_next_bytes, g, heads);
       if (v_in_place) {
-        ws.accumulate_pv(g, v_rows + g * keys.v_head_stride, keys.v_key_stride, n_keys);
+        ws.accumulate_pv(g, v_rows + g * keys.v_head_stride, keys.v_key_stride, t0, n_keys, key_end);
       } else {
-        ws.accumulate_pv(g, ws.kv_tile(g), dp, n_keys);
+        ws.accumulate_pv(g, ws.kv_tile(g), dp, t0, n_keys, key_end);
       }
     }
   }

@@ -107,7 +107,7 @@ at::Tensor block_causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
                                       int64_t block_size, std::optional<double> scale) {
   constexpr const char* op = "block_causal_attention";
   check_block_causal_attention(q_in, k_in, v_in, block_size);
-  DID_CHECK(q_in.device().is_cpu(), op, "the CPU kernel got tensors on ", q_in.device());
+  DID_CHECK(q_in.device().is_cpu(), op, "q is on ", q_in.device(), ", not on the CPU (the CPU kernel was called)");
   const double softmax_scale = resolve_scale(scale, q_in.size(3), op);
 
   at::Tensor out = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));

@@ -16,7 +16,8 @@ namespace did_engine {
 void kv_commit_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_block_in,
                    const at::Tensor& v_block_in, at::Tensor& cache_lens) {
   check_kv_commit(k_cache, v_cache, k_block_in, v_block_in, cache_lens);
-  TORCH_CHECK_VALUE(k_cache.device().is_cpu(), "kv_commit: the CPU kernel got tensors on ", k_cache.device());
+  TORCH_CHECK_VALUE(k_cache.device().is_cpu(), "kv_commit: k_cache is on ", k_cache.device(),
+                    ", not on the CPU (the CPU kernel was called)");
   const int64_t B = k_cache.size(0), S_max = k_cache.size(1), H_kv = k_cache.size(2), D = k_cache.size(3);
   const int64_t n = k_block_in.size(1);
 

@@ -21,7 +21,6 @@
 // the result independent of any overlap between the inputs).
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -256,22 +255,17 @@ int64_t select_row(const float* conf, int64_t conf_stride, const uint8_t* elig, 
   return n;
 }
 
-void check_writable(const at::Tensor& t, const char* name) {
-  DID_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, kOp, name,
-            " has elements that share memory (e.g. an expanded tensor); it is written in place");
-}
-
 }  // namespace
 
 at::Tensor snapshot_remask_cpu(at::Tensor& tokens, at::Tensor& confidence, const at::Tensor& num_remask,
                                const at::Tensor& eligible, int64_t mask_id, double reset_value, int64_t max_k) {
   check_snapshot_remask(tokens, confidence, num_remask, eligible, mask_id, max_k);
-  DID_CHECK(tokens.device().is_cpu(), kOp, "the CPU kernel got tensors on ", tokens.device());
-  check_writable(tokens, "tokens");
-  check_writable(confidence, "confidence");
+  DID_CHECK(tokens.device().is_cpu(), kOp, "tokens is on ", tokens.device(), ", not on the CPU (the CPU kernel was called)");
+  check_no_internal_overlap(tokens, kOp, "tokens");
+  check_no_internal_overlap(confidence, kOp, "confidence");
   const int64_t B = tokens.size(0), S = tokens.size(1);
   // Positions travel in 32-bit lanes.
-  DID_CHECK(S <= std::numeric_limits<int32_t>::max(), kOp, "rows longer than 2^31 - 1 positions are not supported, got S=", S);
+  DID_CHECK(S <= std::numeric_limits<int32_t>::max(), kOp, "tokens rows longer than 2^31 - 1 positions are not supported, got S=", S);
 
   // Counts: range checks that need no data first, in row order.
   std::vector<int64_t> counts(B);

@@ -118,7 +118,8 @@ struct FmaRowGroup {
     }
     __syncwarp();
 
-    // O += P V over the tile's keys.
+    // O += P V over the tile's keys. A key a row may not see is skipped, not weighted by
+    // its probability 0: 0 x NaN (or inf) in its value would still be NaN.
     for (int j = 0; j < tile_keys; ++j) {
       float v[kColsPerLane];
 #pragma unroll
@@ -128,7 +129,7 @@ struct FmaRowGroup {
       }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        if (r < rows) {
+        if (r < rows && allowed(r, j)) {
           const float p = probs[r * kTileKeys + j];  // broadcast
 #pragma unroll
           for (int i = 0; i < kColsPerLane; ++i) acc[r][i] = fmaf(p, v[i], acc[r][i]);

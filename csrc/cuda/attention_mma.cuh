@@ -7,6 +7,20 @@
 namespace did_engine {
 namespace cuda {
 
+// A raw bf16/fp16 value is inf or NaN when all its exponent bits are set.
+template <typename T>
+__device__ __forceinline__ bool is_non_finite_bits(uint16_t x) {
+  constexpr uint16_t kExponent = std::is_same_v<T, __nv_bfloat16> ? 0x7F80 : 0x7C00;
+  return (x & kExponent) == kExponent;
+}
+
+template <typename T>
+__device__ __forceinline__ float bits_to_float(uint16_t x) {
+  T value;
+  memcpy(&value, &x, sizeof(x));
+  return to_float(value);
+}
+
 // One warp's share of an attention problem: 16 query rows (an "M-tile") against key/value
 // tiles that the CTA has staged in shared memory, with an online softmax in float32.
 //
@@ -54,11 +68,17 @@ struct MmaRowTile {
 
   // Attends to KEYS keys staged in shared memory as raw 16-bit values: key j's D elements
   // at keys + j * pitch, its value at values + j * pitch (pitch even). allowed(row, j) tells
-  // whether M-tile row `row` (0..15) may see key j (0..KEYS-1). Disallowed keys may hold
-  // anything finite (the caller zero-fills tails), they get probability exactly 0.
+  // whether M-tile row `row` (0..15) may see key j (0..KEYS-1); disallowed keys get
+  // probability exactly 0.
+  //
+  // masked: some row may not see some key of the tile that holds real data (a
+  // block-causal diagonal tile). The tensor cores multiply the probabilities with every
+  // value, and 0 x NaN (or inf) is NaN, so a masked tile takes non-finite values out of
+  // the MMA and adds them back, with CUDA-core FMAs, to the rows that see them only.
+  // Unmasked tiles may disallow only keys that hold finite values (zero-filled tails).
   template <int KEYS, class Allowed>
   __device__ __forceinline__ void attend(const uint16_t* keys, const uint16_t* values, int pitch, float scale_log2,
-                                         Allowed allowed) {
+                                         Allowed allowed, bool masked = false) {
     static_assert(KEYS % 16 == 0, "keys are processed in steps of 16");
     constexpr int kKeyTiles = KEYS / 8;
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -128,19 +148,60 @@ struct MmaRowTile {
     }
 
     // O += P V. The C fragments of key blocks 2kk and 2kk + 1 are exactly the A fragment of
-    // keys 16kk .. 16kk + 15. b[0] holds V[16kk + 2c, +1][8dt + g] (two key rows).
+    // keys 16kk .. 16kk + 15. b[0] holds V[16kk + 2c, +1][8dt + g] (two key rows), each
+    // 16-bit value passed through value_bits.
+    auto accumulate_pv = [&](auto value_bits) {
 #pragma unroll
-    for (int kk = 0; kk < KEYS / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const uint16_t* value_col = values + (kk * 16 + 2 * c) * pitch + g;
+      for (int kk = 0; kk < KEYS / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        const uint16_t* value_col = values + (kk * 16 + 2 * c) * pitch + g;
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const uint16_t* v = value_col + dt * 8;
-        const uint32_t b[2] = {uint32_t(v[0]) | (uint32_t(v[pitch]) << 16),
-                               uint32_t(v[8 * pitch]) | (uint32_t(v[9 * pitch]) << 16)};
-        mma_16x8x16<T>(acc[dt], a, b);
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          const uint16_t* v = value_col + dt * 8;
+          const uint32_t b[2] = {value_bits(v[0]) | (value_bits(v[pitch]) << 16),
+                                 value_bits(v[8 * pitch]) | (value_bits(v[9 * pitch]) << 16)};
+          mma_16x8x16<T>(acc[dt], a, b);
+        }
+      }
+    };
+    if (!masked) {
+      accumulate_pv([](uint16_t x) { return uint32_t(x); });
+      return;
+    }
+
+    // Masked: the same MMA with every non-finite value replaced by 0 (a row that does not
+    // see it then adds exactly what it adds for a finite value: p = 0 times a number).
+    bool any_non_finite = false;
+    accumulate_pv([&](uint16_t x) -> uint32_t {
+      const bool non_finite = is_non_finite_bits<T>(x);
+      any_non_finite |= non_finite;
+      return non_finite ? 0u : uint32_t(x);
+    });
+    if (!__any_sync(0xffffffffu, any_non_finite)) return;
+
+    // The non-finite values, added to the rows that see them. This lane holds output
+    // columns 8dt + 2c, +1 of rows g and g + 8; P[row][key] lives in lane 4 * row' + (key
+    // % 8) / 2 (row' = row mod 8), register s[key / 8][(key % 2) + 2 * (row >= 8)].
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) {
+      for (int j = 0; j < 8; ++j) {
+        const int key = nt * 8 + j, src = 4 * g + (j >> 1);
+        const float p_lo = __shfl_sync(0xffffffffu, (j & 1) ? s[nt][1] : s[nt][0], src);
+        const float p_hi = __shfl_sync(0xffffffffu, (j & 1) ? s[nt][3] : s[nt][2], src);
+        const bool sees_lo = allowed(g, key), sees_hi = allowed(g + 8, key);
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const uint16_t x = values[key * pitch + dt * 8 + 2 * c + i];
+            if (!is_non_finite_bits<T>(x)) continue;
+            const float v = bits_to_float<T>(x);
+            if (sees_lo) acc[dt][i] = fmaf(p_lo, v, acc[dt][i]);
+            if (sees_hi) acc[dt][2 + i] = fmaf(p_hi, v, acc[dt][2 + i]);
+          }
+        }
       }
     }
   }

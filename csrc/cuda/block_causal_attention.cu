@@ -13,8 +13,9 @@
 //         16 per warp; 64-key tiles double-buffered with cp.async.
 //       - FMA (float32, other head dims up to 256, unaligned): 16 query rows per CTA, 4 per
 //         warp; tiles staged as float32.
-//     Within a tile, keys at or past a row's row_end get probability 0; a warp skips a
-//     tile that lies entirely past its rows' ends.
+//     Within a tile, keys at or past a row's row_end get probability 0 and their values
+//     never enter that row's sum (0 x NaN would be NaN); a warp skips a tile that lies
+//     entirely past its rows' ends.
 //   * CTAs are numbered so that the last query tiles (the most keys) start first.
 
 #include "attention_fma.cuh"
@@ -101,6 +102,8 @@ __global__ void __launch_bounds__(kCausalThreads) block_causal_mma_kernel(const 
   const int end_lo = causal_row_end(p, warp_row0 + g);
   const int end_hi = causal_row_end(p, warp_row0 + g + 8);
   const int warp_key_end = warp_rows > 0 ? causal_row_end(p, warp_row0 + warp_rows - 1) : 0;
+  // Keys from here on are hidden from some row of the warp (row_end is non-decreasing).
+  const int warp_first_masked = causal_row_end(p, min(warp_row0, S - 1));
   const int cta_key_end = causal_row_end(p, min(q0 + kCausalMmaRows, S) - 1);
   const int num_tiles = static_cast<int>(ceil_div(cta_key_end, kCausalMmaTileKeys));
 
@@ -123,7 +126,8 @@ __global__ void __launch_bounds__(kCausalThreads) block_causal_mma_kernel(const 
     if (warp_rows > 0 && first < warp_key_end) {
       tile.template attend<kCausalMmaTileKeys>(
           key_buffer(t & 1), value_buffer(t & 1), kPitch, p.scale_log2,
-          [&](int row, int j) { return first + j < (row < 8 ? end_lo : end_hi); });
+          [&](int row, int j) { return first + j < (row < 8 ? end_lo : end_hi); },
+          first + kCausalMmaTileKeys > warp_first_masked);
     }
     __syncthreads();
   }

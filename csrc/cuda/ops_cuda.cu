@@ -10,7 +10,6 @@
 #ifndef __CUDA_ARCH__
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -252,10 +251,8 @@ at::Tensor snapshot_remask_cuda(at::Tensor& tokens, at::Tensor& confidence, cons
   check_snapshot_remask(tokens, confidence, num_remask, eligible, mask_id, max_k);
   check_on_cuda(tokens, op, "tokens");
   // Written in place: no two elements may share memory (metadata only, as on CPU).
-  DID_CHECK(at::has_internal_overlap(tokens) != at::MemOverlap::Yes, op,
-            "tokens has elements that share memory (e.g. an expanded tensor); it is written in place");
-  DID_CHECK(at::has_internal_overlap(confidence) != at::MemOverlap::Yes, op,
-            "confidence has elements that share memory (e.g. an expanded tensor); it is written in place");
+  check_no_internal_overlap(tokens, op, "tokens");
+  check_no_internal_overlap(confidence, op, "confidence");
   const int64_t B = tokens.size(0), S = tokens.size(1);
   DID_CHECK(S <= std::numeric_limits<int32_t>::max() && B <= std::numeric_limits<int32_t>::max(), op,
             "shapes too large for the CUDA kernel: tokens ", shape_str(tokens));

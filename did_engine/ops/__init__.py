@@ -13,9 +13,13 @@ contiguous (other strides are accepted).
 
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 
 from did_engine import _C  # noqa: F401  (loads the library that registers the ops)
+from did_engine.errors import UserError
 from did_engine.ops import reference
 
 __all__ = [
@@ -27,6 +31,21 @@ __all__ = [
 ]
 
 _ops = torch.ops.did_engine
+
+
+def _exact_int(op: str, name: str, value) -> int:
+    """``value`` as an int if it is exactly an integer that fits in int64 (int, numpy
+    integer, integral 0-d tensor); floats such as 2.5 or 2.0, bools and other types are
+    refused, never truncated."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or (torch.is_tensor(value) and value.dtype == torch.bool):
+        raise UserError(f"{op}: {name} must be an int, got the bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise UserError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise UserError(f"{op}: {name} = {value} does not fit in int64")
+    return value
 
 
 def block_decode_attention(q, k_cache, v_cache, k_block, v_block, cache_lens, scale=None):
@@ -49,7 +68,10 @@ def block_decode_attention(q, k_cache, v_cache, k_block, v_block, cache_lens, sc
         mask:  x           ... x                   | x           ... x            (none)
 
     Inputs may be float32, bfloat16 or float16 (all the same); scores, softmax and the
-    weighted sum accumulate in float32. ``scale`` defaults to 1/sqrt(D).
+    weighted sum accumulate in float32. ``scale`` defaults to 1/sqrt(D) and must be finite
+    in float32. Keys at or past ``cache_lens[b]`` are never read: NaN or inf there has no
+    effect. A row's result does not depend on the other rows of the batch or on the thread
+    count: row b of a batch equals the op applied to row b alone, bit for bit.
     """
     return _ops.block_decode_attention.default(q, k_cache, v_cache, k_block, v_block, cache_lens, scale)
 
@@ -63,7 +85,11 @@ def kv_commit(k_cache, v_cache, k_block, v_block, cache_lens) -> None:
         k_block, v_block [B, n, H_kv, D]
         cache_lens       int32 [B]             advanced by n, in place
 
-    Refuses (ValueError, nothing written) when any row would overflow S_max.
+    Refuses (ValueError, nothing written) when any row would overflow S_max, and when an
+    output overlaps itself (an expanded, stride-0 view) or shares memory with another
+    argument (k_cache and v_cache may be interleaved views of one buffer, never
+    overlapping ones). Each row is copied on its own: a row's result does not depend on
+    the other rows of the batch or on the thread count.
     """
     _ops.kv_commit.default(k_cache, v_cache, k_block, v_block, cache_lens)
 
@@ -86,8 +112,14 @@ def block_causal_attention(q, k, v, block_size: int, scale=None):
         4    x x x x x
 
     ``block_size >= S`` is full bidirectional attention; ``block_size == 1`` is causal.
+    ``block_size`` must be an int (2.5 is refused, not truncated); ``scale`` defaults to
+    1/sqrt(D) and must be finite in float32. A key a query does not see is never read, so
+    NaN or inf there reaches only the queries that see it. A row's result does not depend
+    on the other rows of the batch or on the thread count: row b of a batch equals the op
+    applied to row b alone, bit for bit.
     """
-    return _ops.block_causal_attention.default(q, k, v, int(block_size), scale)
+    block_size = _exact_int("block_causal_attention", "block_size", block_size)
+    return _ops.block_causal_attention.default(q, k, v, block_size, scale)
 
 
 def snapshot_remask(tokens, confidence, num_remask, eligible, mask_id: int, reset_value: float = float("inf"),
@@ -108,22 +140,43 @@ def snapshot_remask(tokens, confidence, num_remask, eligible, mask_id: int, rese
 
     ``max_k`` (the output width) defaults to ``num_remask`` when it is an int, and to
     ``num_remask.max()`` when it is a tensor, which costs a host synchronisation on a GPU:
-    pass it explicitly in a sampling loop (e.g. the stage's largest count).
+    pass it explicitly in a sampling loop (e.g. the stage's largest count). ``num_remask``,
+    ``max_k`` and ``mask_id`` must be ints (2.5 is refused, not truncated). Rows are
+    selected independently: a row's result does not depend on the other rows of the batch
+    or on the thread count.
     """
+    op = "snapshot_remask"
     B = tokens.shape[0] if torch.is_tensor(tokens) and tokens.dim() >= 1 else 0
+    S = tokens.shape[1] if torch.is_tensor(tokens) and tokens.dim() == 2 else None
     device = tokens.device if torch.is_tensor(tokens) else None
-    if isinstance(num_remask, bool) or not (isinstance(num_remask, int) or torch.is_tensor(num_remask)):
-        raise ValueError(f"snapshot_remask: num_remask must be an int or an int tensor [B], got {type(num_remask).__name__}")
-    if isinstance(num_remask, int):
+    mask_id = _exact_int(op, "mask_id", mask_id)
+    if isinstance(reset_value, bool) or not isinstance(reset_value, numbers.Real):
+        raise UserError(f"{op}: reset_value must be a float, got {type(reset_value).__name__} {reset_value!r}")
+    if max_k is not None:
+        max_k = _exact_int(op, "max_k", max_k)
+    if torch.is_tensor(num_remask):
+        if num_remask.dtype.is_floating_point or num_remask.dtype.is_complex or num_remask.dtype == torch.bool:
+            raise UserError(f"{op}: num_remask must be an int or an int tensor [B], got a {num_remask.dtype} tensor")
+        if device is not None and num_remask.device != device:
+            raise UserError(f"{op}: num_remask is on {num_remask.device} but tokens is on {device}; "
+                            "all arguments must be on one device")
+        if max_k is None:
+            max_k = int(num_remask.max()) if num_remask.numel() else 0
+            derived = "num_remask.max()"
+        else:
+            derived = None
+    else:
+        num_remask = _exact_int(op, "num_remask", num_remask)
         if num_remask < 0:
-            raise ValueError(f"snapshot_remask: num_remask must be >= 0, got {num_remask}")
+            raise UserError(f"{op}: num_remask must be >= 0, got {num_remask}")
+        derived = "num_remask" if max_k is None else None
         if max_k is None:
             max_k = num_remask
         num_remask = torch.full((B,), num_remask, dtype=torch.int64, device=device)
-    elif max_k is None:
-        max_k = int(num_remask.max()) if num_remask.numel() else 0
-    return _ops.snapshot_remask.default(tokens, confidence, num_remask, eligible, int(mask_id), float(reset_value),
-                                        int(max_k))
+    # max_k taken from num_remask: a count above the row length is num_remask's mistake.
+    if derived is not None and S is not None and max_k > S:
+        raise UserError(f"{op}: {derived} = {max_k} exceeds the row length S={S} (at most S positions can be remasked)")
+    return _ops.snapshot_remask.default(tokens, confidence, num_remask, eligible, mask_id, float(reset_value), max_k)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Pure-PyTorch references of the did_engine ops: the ground truth of the tests.
 
-Each function computes the op's contract in the most obvious way (explicit masks, full
-softmax, sorting) in whatever dtype it is given: pass float64 tensors for an exact
+Each function computes the op's contract in the most obvious way (each query against
+exactly the keys it sees, full softmax, sorting) in whatever dtype it is given: pass float64 tensors for an exact
 reference, or low-precision tensors for "the same computation in the same precision"
 (the FlashAttention error rule). They are slow and allocate freely; production code paths
 never fall back to them.
@@ -22,14 +22,12 @@ __all__ = [
 ]
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None):
-    """q [n, H, D], k/v [m, H_kv, D], mask [n, m] (True = attend) -> [n, H, D]."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """q [n, H, D] attends to every key of k/v [m, H_kv, D] -> [n, H, D]."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # [m, H, D]
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("nhd,mhd->hnm", q, k) * scale  # [H, n, m]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hnm,mhd->nhd", probs, v)  # [n, H, D]
 
@@ -42,7 +40,7 @@ def reference_block_decode_attention(q, k_cache, v_cache, k_block, v_block, cach
         length = int(cache_lens[b])
         k = torch.cat([k_cache[b, :length], k_block[b]], dim=0)  # [len + n, H_kv, D]
         v = torch.cat([v_cache[b, :length], v_block[b]], dim=0)
-        out[b] = _attention(q[b], k, v, scale, None)
+        out[b] = _attention(q[b], k, v, scale)
     return out
 
 
@@ -77,10 +75,20 @@ def block_causal_mask(seq_len: int, block_size: int, device=None) -> torch.Tenso
 
 
 def reference_block_causal_attention(q, k, v, block_size, scale=None):
-    """q [B, S, H, D], k/v [B, S, H_kv, D] -> [B, S, H, D] under block_causal_mask."""
+    """q [B, S, H, D], k/v [B, S, H_kv, D] -> [B, S, H, D] under block_causal_mask.
+
+    Built block by block: query block j attends to keys [0, end of block j) only, so a key
+    a query may not see is never read (a mask with weight 0 would still turn a NaN or inf
+    value into NaN, since 0 x NaN is NaN).
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = block_causal_mask(q.shape[1], block_size, device=q.device)
-    return torch.stack([_attention(q[b], k[b], v[b], scale, mask) for b in range(q.shape[0])])
+    S = q.shape[1]
+    out = torch.empty_like(q)
+    for start in range(0, S, block_size):
+        end = min(start + block_size, S)
+        for b in range(q.shape[0]):
+            out[b, start:end] = _attention(q[b, start:end], k[b, :end], v[b, :end], scale)
+    return out
 
 
 def _rank_key(value: float, index: int):
