@@ -109,7 +109,7 @@ class Bench:
 
             def start(blocks=blocks, P=P):
                 # The block before this one is finished: it is pending (fused) or committed now.
-                blocks.cache._layer_lengths.fill_(max(P - self.bs, 0))  # K/V contents do not change the cost
+                blocks.cache.set_lengths(max(P - self.bs, 0))  # K/V contents do not change the cost
                 blocks.pending = None
                 if P:
                     blocks.commit(clean)

@@ -37,6 +37,10 @@ class BlockKVCache:
         # every layer commits the same block. Row 0 is the public view.
         self._layer_lengths = torch.zeros((n_layers, batch_size), device=device, dtype=torch.int32)
         self.offset = torch.zeros(batch_size, device=device, dtype=torch.int64)
+        # A host-side upper bound on every row's length, kept without reading the device:
+        # make_room needs the lengths only when this bound says a row might overflow, so a
+        # commit inside the window never synchronises (and can be captured in a CUDA graph).
+        self._length_bound = 0
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -63,11 +67,28 @@ class BlockKVCache:
     def reset(self) -> None:
         self._layer_lengths.zero_()
         self.offset.zero_()
+        self._length_bound = 0
+
+    def set_lengths(self, length: int) -> None:
+        """Mark every row as holding ``length`` entries (written directly into k and v)."""
+        self._layer_lengths.fill_(length)
+        self._length_bound = length
+
+    def copy_(self, other: "BlockKVCache") -> "BlockKVCache":
+        """Make this cache hold what ``other`` holds (same shapes), in place."""
+        self.k.copy_(other.k), self.v.copy_(other.v)
+        self._layer_lengths.copy_(other._layer_lengths), self.offset.copy_(other.offset)
+        self._length_bound = other._length_bound
+        return self
 
     def make_room(self, n: int, block_size: int | None = None) -> None:
-        """Drop each row's oldest entries so that n more fit (the sliding window)."""
+        """Make room for a block of n that is committed next: drop each row's oldest
+        entries where n more would not fit (the sliding window)."""
         if n > self.capacity:
             raise ValueError(f"a block of {n} tokens cannot fit in a cache of capacity {self.capacity}")
+        if self._length_bound + n <= self.capacity:  # no row can overflow: nothing to read
+            self._length_bound += n
+            return
         lengths = self.lengths.tolist()
         unit = block_size or n
         for b, length in enumerate(lengths):
@@ -80,9 +101,12 @@ class BlockKVCache:
             self.v[:, b, :keep] = self.v[:, b, drop:length].clone()
             self._layer_lengths[:, b] = keep
             self.offset[b] += drop
+            lengths[b] = keep
+        self._length_bound = max(lengths) + n
 
     def commit_layer(self, layer: int, k_block: torch.Tensor, v_block: torch.Tensor) -> None:
-        """Append layer `layer`'s K/V of a finished block: k_block, v_block [B, n, H, D]."""
+        """Append layer `layer`'s K/V of a finished block: k_block, v_block [B, n, H, D]
+        (after make_room(n), which keeps the host-side length bound)."""
         ops.kv_commit(self.k[layer], self.v[layer], k_block, v_block, self._layer_lengths[layer])
 
     def __repr__(self) -> str:

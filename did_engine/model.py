@@ -650,7 +650,7 @@ class BlockDiffusionLM(nn.Module):
 
         logits = self._run(rows, sigma, attend_for_layer, logit_positions)
         if positions is None:
-            context._layer_lengths.fill_(L)
+            context.set_lengths(L)
         return logits
 
     def _run_without_head(self, tokens, sigma, attend_for_layer):

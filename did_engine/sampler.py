@@ -391,21 +391,23 @@ class _TokenDrawer:
         return chunks
 
 
-def _random_pick(candidates: torch.Tensor, counts: torch.Tensor, generators) -> torch.Tensor:
+def _random_pick(candidates: torch.Tensor, counts: torch.Tensor, generators, k_max: int) -> torch.Tensor:
     """Per row b, counts[b] positions of candidates [B, W] chosen uniformly -> [B, W] bool."""
     B, W = candidates.shape
     if isinstance(generators, list):
         scores = torch.stack([torch.rand(W, generator=g, device=candidates.device) for g in generators])
     else:
         scores = torch.rand((B, W), generator=generators, device=candidates.device)
-    return _top_by_score(scores.masked_fill(~candidates, -1.0), candidates, counts)
+    return _top_by_score(scores.masked_fill(~candidates, -1.0), candidates, counts, k_max)
 
 
-def _top_by_score(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per row, the counts[b] candidates with the highest scores -> [B, W] bool."""
-    k = int(counts.max()) if counts.numel() else 0
+def _top_by_score(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Per row, the counts[b] candidates with the highest scores -> [B, W] bool.
+
+    ``k_max`` is a host-side bound on counts (not read from the device: no synchronisation)."""
     chosen = torch.zeros_like(candidates)
-    if k == 0:
+    k = min(k_max, candidates.shape[1])
+    if k <= 0:
         return chosen
     scores = scores.masked_fill(~candidates, float("-inf"))
     top = scores.topk(k, dim=-1).indices  # [B, k]
@@ -588,15 +590,17 @@ class DiDSampler:
         while remaining.any():
             calls += 1
             left = remaining.sum(-1)  # [B]
+            # counts per row, and k_max: a bound on them known without reading the device
             if steps is not None:
                 counts = torch.where(left > 0, -(-left // max(steps - calls + 1, 1)), left)
+                k_max = -(-x.shape[1] // max(steps - calls + 1, 1))
             elif per_step is not None:
-                counts = left.clamp(max=per_step)
+                counts, k_max = left.clamp(max=per_step), per_step
             else:
-                counts = left.clamp(max=1)
+                counts, k_max = left.clamp(max=1), 1
             if order == "random":
                 # The positions are chosen before the call: logits are needed there only.
-                chosen = _random_pick(remaining, counts, gens)
+                chosen = _random_pick(remaining, counts, gens, k_max)
                 tok, cf = drawer(self._logits(logits_fn, x, chosen), chosen)
                 counter[kind] += 1
             else:
@@ -605,10 +609,10 @@ class DiDSampler:
                 score = torch.full(remaining.shape, float("-inf"), device=x.device)
                 score[remaining] = cf_all.float()
                 if threshold is not None:
-                    best = _top_by_score(score, remaining, left.clamp(max=1))
+                    best = _top_by_score(score, remaining, left.clamp(max=1), 1)
                     chosen = (remaining & (score >= threshold)) | best
                 else:
-                    chosen = _top_by_score(score, remaining, counts)
+                    chosen = _top_by_score(score, remaining, counts, k_max)
                 pick = chosen[remaining]  # which of the drawn positions are kept
                 tok, cf = tok_all[pick], cf_all[pick]
             x[chosen] = tok
@@ -695,7 +699,9 @@ class DiDSampler:
             else:
                 ranking = torch.rand(tokens.shape, generator=gens, device=tokens.device)
         ranking = ranking.to(torch.float32).contiguous()
-        max_k = int(counts.max()) if counts.numel() else 0
+        # The output width: a bound on every row's count from host-side sizes (a row has at
+        # most L - P eligible tokens), not counts.max(), which would synchronise.
+        max_k = math.floor((tokens.shape[1] - P) * stage.remask_ratio + 0.5)
         idx = ops.snapshot_remask(tokens, ranking, counts, eligible, self.mask_id, max_k=max_k)
         if ranking.data_ptr() != confidence.data_ptr():
             confidence[tokens == self.mask_id] = float("inf")

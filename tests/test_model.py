@@ -177,16 +177,13 @@ def test_commit_and_decode_equals_commit_then_decode(overrides, block, n2):
             torch.testing.assert_close(fused.k[:, :, :n], split.k[:, :, :n], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(fused.v[:, :, :n], split.v[:, :, :n], atol=1e-5, rtol=1e-5)
             # Logits at some positions only: the dense rows. Run on a copy (the call commits).
-            copy = model.new_kv_cache(3, max_len=2 * block + 1)
-            copy.k.copy_(fused.k), copy.v.copy_(fused.v), copy._layer_lengths.copy_(fused._layer_lengths)
-            copy.offset.copy_(fused.offset)
+            copy = model.new_kv_cache(3, max_len=2 * block + 1).copy_(fused)
             packed = model.commit_and_decode(x0[:, start + block : start + 2 * block], noisy, copy, sigma=sigma,
                                              logit_positions=need)
             model.commit(x0[:, start + block : start + 2 * block], split, sigma=sigma)
             torch.testing.assert_close(packed, model.decode(noisy, split, sigma=sigma)[need], atol=2e-5, rtol=1e-5)
             # Undo that extra commit on the reference cache, so the loop's caches stay equal.
-            split.k.copy_(fused.k), split.v.copy_(fused.v), split._layer_lengths.copy_(fused._layer_lengths)
-            split.offset.copy_(fused.offset)
+            split.copy_(fused)
         assert int(fused.offset[0]) > 0  # the window slid
     with pytest.raises(ValueError, match="logit_positions"):
         model.commit_and_decode(x0[:, :block], xt[:, :n2], fused, logit_positions=torch.ones(3, n2 + 1, dtype=torch.bool))
@@ -284,6 +281,32 @@ def test_sliding_window_drops_whole_blocks_and_keeps_relative_positions():
         cache.offset.zero_()
         rebased = model.decode(tokens[:, 20:24], cache)
     torch.testing.assert_close(logits, rebased, atol=2e-5, rtol=1e-5)
+
+
+def test_commits_read_lengths_back_only_when_a_row_might_overflow(monkeypatch):
+    """Inside the window a commit never reads the lengths back to the host (a GPU would
+    synchronise); near the edge it reads them once per commit, and rows of different lengths
+    slide by their own amounts."""
+    model = random_model()  # block_size 4
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    cache = model.new_kv_cache(2, max_len=16)
+    tokens = torch.randint(0, 36, (2, 40))
+    with torch.no_grad():
+        for start in range(0, 16, 4):
+            model.commit(tokens[:, start : start + 4], cache)
+        assert reads == []  # 16 tokens fit: nothing read
+        model.commit(tokens[:, 16:20], cache)
+        assert len(reads) == 1
+        assert tolist(cache.lengths) == [16, 16] and tolist(cache.offset) == [4, 4]
+        # Rows of different lengths (a context that was set by hand): each slides its own way.
+        short = model.new_kv_cache(2, max_len=16)
+        short.copy_(cache)
+        short.set_lengths(16)
+        short._layer_lengths[:, 1] = 8
+        model.commit(tokens[:, 20:24], short)
+        assert tolist(short.lengths) == [16, 12] and tolist(short.offset) == [8, 4]
 
 
 # -- precision and gradients -----------------------------------------------------------------
