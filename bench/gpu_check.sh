@@ -144,7 +144,7 @@ if [[ "$DRY" == 1 ]]; then
   run_step sanitize-calls 60 "$PY bench/gpu_sanitize_ops.py --device cpu"
   run_step tests 150 "$PY -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_flex_mask.py -m 'not slow'"
 else
-  if [[ -n "$SANITIZER" && "$(status_of build)" == passed ]]; then
+  if [[ -n "$SANITIZER" && "$(status_of build)" != failed ]]; then
     { sanitize memcheck; sanitize racecheck; } > "$LOGS/sanitizers.out" 2>&1 &
     SANITIZE_PID=$!
   else
