@@ -16,11 +16,15 @@ Parameter names equal BD3-LM's backbone names, so BD3-LM checkpoints load direct
 from __future__ import annotations
 
 import math
+import os
+import types
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from did_engine import ops
 from did_engine.errors import UserError
@@ -228,6 +232,21 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def _block_diffusion_rule(q_idx, kv_idx, seq_len: int, block_size: int):
+    """May query q_idx attend to key kv_idx over cat(x_t, x_0)? Index tensors broadcast.
+
+    The one definition of the training mask: the dense mask (CPU path) evaluates it on a
+    [2L, 2L] grid, the FlexAttention mask_mod (CUDA path) on single index pairs.
+    """
+    q_x0, kv_x0 = q_idx >= seq_len, kv_idx >= seq_len
+    q_block = torch.where(q_x0, q_idx - seq_len, q_idx) // block_size
+    kv_block = torch.where(kv_x0, kv_idx - seq_len, kv_idx) // block_size
+    diagonal = (q_block == kv_block) & (q_x0 == kv_x0)
+    offset_causal = (q_block > kv_block) & kv_x0 & ~q_x0
+    causal = (q_block >= kv_block) & kv_x0 & q_x0
+    return diagonal | offset_causal | causal
+
+
 def block_diffusion_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
     """The training mask over cat(x_t, x_0), [2L, 2L] bool (True = attend).
 
@@ -243,16 +262,117 @@ def block_diffusion_mask(seq_len: int, block_size: int, device=None) -> torch.Te
              0 . . . . x x . .
              0 . . . . x x x x
              0 . . . . x x x x
+
+    A last block shorter than block_size (L not a multiple of it) is a block of its own.
     """
     idx = torch.arange(2 * seq_len, device=device)
-    is_x0 = idx >= seq_len
-    block = torch.where(is_x0, idx - seq_len, idx) // block_size
-    q_x0, k_x0 = is_x0[:, None], is_x0[None, :]
-    q_blk, k_blk = block[:, None], block[None, :]
-    diagonal = (q_blk == k_blk) & (q_x0 == k_x0)
-    offset_causal = (q_blk > k_blk) & k_x0 & ~q_x0
-    causal = (q_blk >= k_blk) & k_x0 & q_x0
-    return diagonal | offset_causal | causal
+    return _block_diffusion_rule(idx[:, None], idx[None, :], seq_len, block_size)
+
+
+def block_diffusion_mask_mod(seq_len: int, block_size: int):
+    """The training mask as a FlexAttention ``mask_mod(batch, head, q_idx, kv_idx)``."""
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return _block_diffusion_rule(q_idx, kv_idx, seq_len, block_size)
+
+    return mask_mod
+
+
+# ---------------------------------------------------------------------------------------
+# Training attention on a GPU: compiled FlexAttention with a block mask
+#
+# The dense [2L, 2L] mask makes SDPA compute every score and throw three quarters away
+# (and, with a boolean mask, leaves the flash kernels unusable). FlexAttention skips the
+# fully masked 128 x 128 tiles, as BD3-LM does. On a CPU, SDPA with the dense mask stays
+# the path: compiling FlexAttention there takes minutes and buys nothing measured.
+
+TRAINING_ATTENTION_ENV = "DID_ENGINE_TRAIN_ATTENTION"
+# auto: flex on CUDA, sdpa elsewhere. flex-eager: FlexAttention without compilation
+# (slow: materialises the scores; for tests and debugging).
+TRAINING_ATTENTION_CHOICES = ("auto", "sdpa", "flex", "flex-eager")
+
+
+def resolve_training_attention(choice: str | None, device) -> str:
+    """The training forward's attention path on ``device`` for ``choice`` (None: the
+    environment variable DID_ENGINE_TRAIN_ATTENTION, default auto): sdpa, flex or flex-eager."""
+    source = "model.training_attention"
+    if choice is None:
+        choice, source = os.environ.get(TRAINING_ATTENTION_ENV, "auto") or "auto", TRAINING_ATTENTION_ENV
+    if choice not in TRAINING_ATTENTION_CHOICES:
+        raise UserError(f"{source} = {choice!r}: must be one of {', '.join(TRAINING_ATTENTION_CHOICES)}")
+    if choice == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    return choice
+
+
+class FlexTrainingAttention:
+    """FlexAttention over cat(x_t, x_0) with the block diffusion BlockMask.
+
+    Block masks are cached per (L, block_size, device). Compiled functions are cached per
+    shape set (batch, heads, 2L, head dim, dtype, device, block size, grad mode), one
+    ``torch.compile(..., dynamic=False, fullgraph=True)`` each, over its own copy of the
+    code object: dynamo keeps its compiled entries per code object, so one shared function
+    would pile every shape onto one entry list and, past ``recompile_limit`` (8), quietly
+    run FlexAttention eagerly. Here each function compiles exactly once. A compilation that
+    fails is never hidden: it warns (RuntimeWarning), runs eager FlexAttention for that
+    shape set, and ``last_path`` says "flex-eager" instead of "flex-compiled".
+    """
+
+    def __init__(self, compile_fn=None):
+        self._compile = compile_fn or _compile_flex_function
+        self.block_masks: dict = {}
+        self.compiled: dict = {}  # shape key -> (function, path label)
+        self.last_path: str | None = None
+
+    def block_mask(self, seq_len: int, block_size: int, device):
+        key = (seq_len, block_size, str(device))
+        if key not in self.block_masks:
+            self.block_masks[key] = create_block_mask(block_diffusion_mask_mod(seq_len, block_size), B=None, H=None,
+                                                      Q_LEN=2 * seq_len, KV_LEN=2 * seq_len, device=device)
+        return self.block_masks[key]
+
+    def __call__(self, q, k, v, seq_len: int, block_size: int, compiled: bool = True):
+        """q/k/v [B, 2L, H, D] -> [B, 2L, H, D]."""
+        block_mask = self.block_mask(seq_len, block_size, q.device)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, 2L, D]
+        if not compiled:
+            self.last_path = "flex-eager"
+            return flex_attention(q, k, v, block_mask=block_mask).transpose(1, 2)
+        key = (*q.shape, q.dtype, str(q.device), block_size, torch.is_grad_enabled())
+        entry = self.compiled.get(key)
+        if entry is None:
+            fn = self._compile(len(self.compiled))
+            try:
+                out = fn(q, k, v, block_mask)  # compiles now (torch.compile is lazy)
+                self.compiled[key] = (fn, "flex-compiled")
+            except Exception as exc:  # noqa: BLE001 - any compiler failure; real bugs fail eagerly below too
+                warnings.warn(f"FlexAttention could not be compiled for the training forward (shapes {key}): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                              f"Running it EAGERLY for these shapes: it materialises the [2L, 2L] scores and is "
+                              f"much slower. Set {TRAINING_ATTENTION_ENV}=sdpa to use the dense-mask path instead.",
+                              RuntimeWarning, stacklevel=3)
+                self.compiled[key] = (_eager_flex_function, "flex-eager")
+                out = _eager_flex_function(q, k, v, block_mask)
+            self.last_path = self.compiled[key][1]
+            return out.transpose(1, 2)
+        fn, self.last_path = entry
+        return fn(q, k, v, block_mask).transpose(1, 2)
+
+
+def _eager_flex_function(q, k, v, block_mask):
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _compile_flex_function(index: int):
+    """torch.compile of FlexAttention over a fresh copy of the code object (see
+    FlexTrainingAttention for why), static shapes, whole graph or an error."""
+    code = _eager_flex_function.__code__.replace(co_name=f"flex_training_attention_{index}")
+    fn = types.FunctionType(code, _eager_flex_function.__globals__, code.co_name)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+# One per process: compiled functions and block masks depend on shapes, not on weights.
+_FLEX_TRAINING_ATTENTION = FlexTrainingAttention()
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,6 +480,12 @@ class BlockDiffusionLM(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = FinalLayer(config)
         self._mask_cache: dict = {}
+        # The training forward's attention: None reads DID_ENGINE_TRAIN_ATTENTION (default
+        # auto: compiled FlexAttention on CUDA, dense-mask SDPA elsewhere); or one of
+        # TRAINING_ATTENTION_CHOICES. last_training_attention names the path the last
+        # training forward took: sdpa-dense, flex-compiled or flex-eager.
+        self.training_attention: str | None = None
+        self.last_training_attention: str | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "BlockDiffusionLM":
@@ -432,7 +558,8 @@ class BlockDiffusionLM(nn.Module):
         not for the training forward).
 
         - ``model(x_t, x0=x_0, block_size=b)``: training forward over cat(x_t, x_0) under
-          :func:`block_diffusion_mask`; logits of the x_t half. With b >= L the x_0 half
+          :func:`block_diffusion_mask` (dense-mask SDPA on a CPU, compiled FlexAttention on
+          CUDA: see ``training_attention``); logits of the x_t half. With b >= L the x_0 half
           would be unused, so it is skipped (a global forward on x_t).
         - ``model(tokens, block_size=b)``: block-causal, no cache.
         - ``model(tokens)``: global bidirectional.
@@ -470,12 +597,23 @@ class BlockDiffusionLM(nn.Module):
 
     def _training_forward(self, x_t, x0, block_size, sigma):
         B, L = x_t.shape
-        mask = self._training_mask(L, block_size, x_t.device)  # [2L, 2L]
         positions = torch.arange(L, device=x_t.device).repeat(2)  # both halves use 0..L-1
         cos, sin = self.rotary_emb.cos_sin(positions)
+        path = resolve_training_attention(self.training_attention, x_t.device)
+        if path == "sdpa":
+            mask = self._training_mask(L, block_size, x_t.device)  # [2L, 2L]
+            self.last_training_attention = "sdpa-dense"
 
-        def attend(q, k, v):
-            return _sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
+            def attend(q, k, v):
+                return _sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
+        else:
+            flex = _FLEX_TRAINING_ATTENTION
+
+            def attend(q, k, v):
+                out = flex(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, L, block_size,
+                           compiled=path == "flex")
+                self.last_training_attention = flex.last_path
+                return out
 
         logits = self._run(torch.cat([x_t, x0], dim=1), sigma, lambda i: attend)
         return logits[:, :L]
