@@ -9,6 +9,12 @@ DID_ENGINE_CHECK_VALUES=1 errors, and a CUDA-graph capture of decode + commit + 
 
 Skipped (with the reason) where there is no CUDA device or did_engine was built without
 its CUDA kernels.
+
+Checking the tests without a GPU: ``DID_ENGINE_CUDA_TESTS_DEVICE=cpu pytest
+tests/test_cuda_ops.py`` runs this module against the CPU kernels. That checks the tests
+themselves (valid arguments, references, tolerances, bit-equality claims that hold on any
+correct kernel) before a GPU session spends its minutes on them; tests of CUDA-only
+behaviour (clamping instead of errors, streams, graphs, big allocations) skip there.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ import textwrap
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+DEVICE = torch.device(os.environ.get("DID_ENGINE_CUDA_TESTS_DEVICE", "cuda"))
+ON_CUDA = DEVICE.type == "cuda"
+
+if ON_CUDA and not torch.cuda.is_available():
     pytest.skip(
         "no CUDA device (or a CPU build of torch): the CUDA kernels cannot run here; "
         "tests/test_cuda_compile.py still checks that they compile",
@@ -36,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
 _missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", "CUDA")]
-if _missing:
+if ON_CUDA and _missing:
     pytest.skip(
         f"did_engine was built without CUDA kernels for {_missing}; rebuild on this machine with "
         "`DID_ENGINE_CUDA=1 pip install --no-build-isolation -e .`",
@@ -44,8 +53,8 @@ if _missing:
     )
 
 pytestmark = pytest.mark.cuda
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA-only behaviour (DID_ENGINE_CUDA_TESTS_DEVICE=cpu)")
 
-DEVICE = torch.device("cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VALUE_CHECKS_ON = os.environ.get("DID_ENGINE_CHECK_VALUES") == "1"
 
@@ -53,7 +62,8 @@ VALUE_CHECKS_ON = os.environ.get("DID_ENGINE_CHECK_VALUES") == "1"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    torch.cuda.manual_seed_all(0)
+    if ON_CUDA:
+        torch.cuda.manual_seed_all(0)
 
 
 def assert_flash_error_rule(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor | None) -> None:
@@ -141,7 +151,8 @@ def test_decode_non_contiguous_unaligned(dtype, D):
     v_cache = torch.randn(D, B, S_max, H_kv, device=DEVICE, dtype=dtype).permute(1, 2, 3, 0)  # last dim strided
     k_block = torch.randn(1, n, H_kv, D, device=DEVICE, dtype=dtype).expand(B, n, H_kv, D)
     v_block = torch.randn(B, H_kv, n, D, device=DEVICE, dtype=dtype).transpose(1, 2)
-    cache_lens = torch.tensor([97, 0, 0, 93, 0, 50], dtype=torch.int32, device=DEVICE)[::2]
+    # A strided view of lengths 97 (S_max), 93 and 50; the skipped slots would be out of range.
+    cache_lens = torch.tensor([97, -1, 93, -1, 50, -1], dtype=torch.int32, device=DEVICE)[::2]
     check_decode((q, k_cache, v_cache, k_block, v_block, cache_lens))
 
 
@@ -170,6 +181,7 @@ def test_decode_does_not_change_inputs():
 
 
 @pytest.mark.skipif(VALUE_CHECKS_ON, reason="DID_ENGINE_CHECK_VALUES=1 turns out-of-range values into errors")
+@cuda_only
 def test_decode_clamps_out_of_range_lengths():
     # Without the value checks, lengths are clamped to [0, S_max]: memory-safe, no error.
     args = decode_inputs(3, 4, 4, 2, 64, 40, [0, 0, 0], torch.float32)
@@ -243,6 +255,7 @@ def test_commit_empty_block_and_batch():
 
 
 @pytest.mark.skipif(VALUE_CHECKS_ON, reason="DID_ENGINE_CHECK_VALUES=1 turns out-of-range values into errors")
+@cuda_only
 def test_commit_skips_rows_that_would_overflow():
     args = commit_inputs(4, 4, 2, 16, 10, [6, 7, -1, 2], torch.float32)
     k_cache, v_cache, _, _, lens = args
@@ -397,7 +410,7 @@ def test_remask_edge_counts():
     eligible[1] = False
     eligible[2] = True
     counts = torch.tensor([0, 0, 50, int(eligible[3].sum())], device=DEVICE)
-    check_remask(tokens, confidence, counts, eligible, max_k=60, reset_value=-1.5, mask_id=7)
+    check_remask(tokens, confidence, counts, eligible, max_k=50, reset_value=-1.5, mask_id=7)  # max_k = S
 
 
 def test_remask_non_contiguous():
@@ -417,6 +430,7 @@ def test_remask_zero_width():
 
 
 @pytest.mark.skipif(VALUE_CHECKS_ON, reason="DID_ENGINE_CHECK_VALUES=1 turns out-of-range values into errors")
+@cuda_only
 def test_remask_clamps_out_of_range_counts():
     # Without the value checks, counts are clamped to [0, min(eligible count, max_k)].
     tokens, confidence, _, eligible = remask_inputs(3, 64)
@@ -442,6 +456,7 @@ def test_remask_opcheck():
 # DID_ENGINE_CHECK_VALUES=1 (read once per process, so in a subprocess)
 
 
+@cuda_only
 def test_value_checks_raise_in_a_subprocess():
     script = textwrap.dedent(
         """
@@ -492,6 +507,7 @@ def test_value_checks_raise_in_a_subprocess():
 # A draft step (decode + commit + remask) captured in a CUDA graph and replayed.
 
 
+@cuda_only
 def test_cuda_graph_capture_of_a_draft_step():
     B, n, H, H_kv, D, S_max, S = 4, 4, 12, 4, 64, 256, 128
     dtype = torch.bfloat16
