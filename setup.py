@@ -11,7 +11,8 @@ Environment switches (all optional):
     DID_ENGINE_CUDA=auto|1|0   compile csrc/cuda/*.cu. auto (default): only when torch is a
                                CUDA build and nvcc is found. 1: force (fails loudly if it
                                cannot). 0: CPU only.
-    TORCH_CUDA_ARCH_LIST       CUDA architectures, default "8.0;9.0" (A100, H100).
+    TORCH_CUDA_ARCH_LIST       CUDA architectures, default "8.0;9.0+PTX": kernels for A100 and
+                               H100/H200, plus sm_90 PTX that newer GPUs compile at load.
     DID_ENGINE_CPU_ARCH        native (default) | avx2 | generic. native/avx2 compile the CPU
                                kernels with AVX2+FMA through at::vec when this machine has
                                them; generic gives portable scalar-vector code.
@@ -91,7 +92,7 @@ def build_extension():
     extra_compile_args = {"cxx": cxx_flags}
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        cuda_arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cuda_arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         define_macros.append(("DID_ENGINE_WITH_CUDA", "1"))
         # C++20 like torch's own extension default: torch >= 2.13 headers need it, and nvcc 13
         # misparses ATen headers (List_inl.h) in C++17 mode with torch 2.11.

@@ -199,25 +199,33 @@ def test_cache_tail_is_never_read(shape, dtype, special):
     assert torch.equal(op(args[0], k_cache, v_cache, *args[3:]), clean)
 
 
-@pytest.mark.parametrize("where", ["q", "k_cache", "v_cache", "k_block", "v_block"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", LOCALITY_SHAPES, ids=["split", "transposed"])
-def test_non_finite_values_stay_local(shape, dtype, where):
+def nan_case(shape, where):
+    """Where the locality tests put their NaN in input `where`, (b, position, head), and the
+    [B, n, H] outputs that see it. Row 0 must have a non-empty cache."""
     B, n, H, H_kv, D, S_max, lens = shape
-    args = dict(zip(["q", "k_cache", "v_cache", "k_block", "v_block", "cache_lens"], make_inputs(*shape, dtype=dtype)))
-    clean = op(*args.values())
-    b0 = 0  # row 0 has a non-empty cache in both shapes
+    b0 = 0
     pos = lens[b0] // 2 if "cache" in where else n // 2
     head = H // 2 if where == "q" else H_kv - 1
-    args[where] = args[where].clone()
-    args[where][b0, pos, head, D // 2] = math.nan
-    out = op(*args.values())
     mask = torch.zeros(B, n, H, dtype=torch.bool)
     if where == "q":
         mask[b0, pos, head] = True
     else:  # every query of row b0, on the heads of that kv head's group
         group = H // H_kv
         mask[b0, :, head * group : (head + 1) * group] = True
+    return (b0, pos, head), mask
+
+
+@pytest.mark.parametrize("where", ["q", "k_cache", "v_cache", "k_block", "v_block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOCALITY_SHAPES, ids=["split", "transposed"])
+def test_non_finite_values_stay_local(shape, dtype, where):
+    D = shape[4]
+    args = dict(zip(["q", "k_cache", "v_cache", "k_block", "v_block", "cache_lens"], make_inputs(*shape, dtype=dtype)))
+    clean = op(*args.values())
+    (b0, pos, head), mask = nan_case(shape, where)
+    args[where] = args[where].clone()
+    args[where][b0, pos, head, D // 2] = math.nan
+    out = op(*args.values())
     assert torch.equal(out[~mask], clean[~mask])
     assert not torch.isfinite(out[mask]).all(dim=-1).any()
 

@@ -28,7 +28,8 @@ OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapsho
 
 # setup.py's extra_compile_args["nvcc"] (release build); keep the two in sync.
 SETUP_NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo"]
-ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+# setup.py's default TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX": sm_80 and sm_90 kernels, sm_90 PTX.
+ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
 COMPILE_TIMEOUT_S = 900
 
 

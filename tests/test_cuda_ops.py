@@ -9,19 +9,30 @@ DID_ENGINE_CHECK_VALUES=1 errors, and a CUDA-graph capture of decode + commit + 
 
 Skipped (with the reason) where there is no CUDA device or did_engine was built without
 its CUDA kernels.
+
+Checking the tests without a GPU: ``DID_ENGINE_CUDA_TESTS_DEVICE=cpu pytest
+tests/test_cuda_ops.py`` runs this module against the CPU kernels. That checks the tests
+themselves (valid arguments, references, tolerances, bit-equality claims that hold on any
+correct kernel) before a GPU session spends its minutes on them; tests of CUDA-only
+behaviour (clamping instead of errors, streams, graphs, big allocations) skip there.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+DEVICE = torch.device(os.environ.get("DID_ENGINE_CUDA_TESTS_DEVICE", "cuda"))
+ON_CUDA = DEVICE.type == "cuda"
+
+if ON_CUDA and not torch.cuda.is_available():
     pytest.skip(
         "no CUDA device (or a CPU build of torch): the CUDA kernels cannot run here; "
         "tests/test_cuda_compile.py still checks that they compile",
@@ -36,16 +47,27 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
 _missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", "CUDA")]
-if _missing:
+if ON_CUDA and _missing:
     pytest.skip(
         f"did_engine was built without CUDA kernels for {_missing}; rebuild on this machine with "
         "`DID_ENGINE_CUDA=1 pip install --no-build-isolation -e .`",
         allow_module_level=True,
     )
 
-pytestmark = pytest.mark.cuda
+# The CPU tests' case generators (tests/ is on sys.path under pytest). Those modules need
+# hypothesis (the [test] extra); where it is missing only the tests using them skip.
+CPU_TESTS_MISSING = ""
+try:
+    import test_block_causal_attention as cpu_causal_tests
+    import test_block_decode_attention as cpu_decode_tests
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    cpu_causal_tests = cpu_decode_tests = None
+    CPU_TESTS_MISSING = f"the CPU test modules do not import here ({exc})"
+needs_cpu_tests = pytest.mark.skipif(cpu_decode_tests is None, reason=CPU_TESTS_MISSING)
 
-DEVICE = torch.device("cuda")
+pytestmark = pytest.mark.cuda
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA-only behaviour (DID_ENGINE_CUDA_TESTS_DEVICE=cpu)")
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VALUE_CHECKS_ON = os.environ.get("DID_ENGINE_CHECK_VALUES") == "1"
 
@@ -53,7 +75,8 @@ VALUE_CHECKS_ON = os.environ.get("DID_ENGINE_CHECK_VALUES") == "1"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    torch.cuda.manual_seed_all(0)
+    if ON_CUDA:
+        torch.cuda.manual_seed_all(0)
 
 
 def assert_flash_error_rule(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor | None) -> None:
@@ -117,6 +140,12 @@ DECODE_SHAPES = [
     (2, 2, 2, 2, 1, 33, [33, 7]),
     (1, 3, 3, 1, 3, 129, [128]),
     (64, 4, 12, 12, 64, 128, [i * 2 for i in range(64)]),
+    # Tensor-core row layouts: R = 24 and 32 (two M-tiles: warps 2 x 2 over M-tiles x keys),
+    # R = 80 (row groups of 64 + 16) and R = 100 (64 + 36: three M-tiles, the last with 4 rows).
+    (2, 4, 24, 4, 64, 300, [300, 17]),
+    (1, 8, 4, 1, 128, 200, [150]),
+    (1, 16, 20, 4, 128, 500, [480]),
+    (2, 4, 25, 1, 64, 400, [396, 33]),
 ]
 
 
@@ -141,7 +170,8 @@ def test_decode_non_contiguous_unaligned(dtype, D):
     v_cache = torch.randn(D, B, S_max, H_kv, device=DEVICE, dtype=dtype).permute(1, 2, 3, 0)  # last dim strided
     k_block = torch.randn(1, n, H_kv, D, device=DEVICE, dtype=dtype).expand(B, n, H_kv, D)
     v_block = torch.randn(B, H_kv, n, D, device=DEVICE, dtype=dtype).transpose(1, 2)
-    cache_lens = torch.tensor([97, 0, 0, 93, 0, 50], dtype=torch.int32, device=DEVICE)[::2]
+    # A strided view of lengths 97 (S_max), 93 and 50; the skipped slots would be out of range.
+    cache_lens = torch.tensor([97, -1, 93, -1, 50, -1], dtype=torch.int32, device=DEVICE)[::2]
     check_decode((q, k_cache, v_cache, k_block, v_block, cache_lens))
 
 
@@ -170,6 +200,7 @@ def test_decode_does_not_change_inputs():
 
 
 @pytest.mark.skipif(VALUE_CHECKS_ON, reason="DID_ENGINE_CHECK_VALUES=1 turns out-of-range values into errors")
+@cuda_only
 def test_decode_clamps_out_of_range_lengths():
     # Without the value checks, lengths are clamped to [0, S_max]: memory-safe, no error.
     args = decode_inputs(3, 4, 4, 2, 64, 40, [0, 0, 0], torch.float32)
@@ -243,6 +274,7 @@ def test_commit_empty_block_and_batch():
 
 
 @pytest.mark.skipif(VALUE_CHECKS_ON, reason="DID_ENGINE_CHECK_VALUES=1 turns out-of-range values into errors")
+@cuda_only
 def test_commit_skips_rows_that_would_overflow():
     args = commit_inputs(4, 4, 2, 16, 10, [6, 7, -1, 2], torch.float32)
     k_cache, v_cache, _, _, lens = args
@@ -397,7 +429,7 @@ def test_remask_edge_counts():
     eligible[1] = False
     eligible[2] = True
     counts = torch.tensor([0, 0, 50, int(eligible[3].sum())], device=DEVICE)
-    check_remask(tokens, confidence, counts, eligible, max_k=60, reset_value=-1.5, mask_id=7)
+    check_remask(tokens, confidence, counts, eligible, max_k=50, reset_value=-1.5, mask_id=7)  # max_k = S
 
 
 def test_remask_non_contiguous():
@@ -417,6 +449,7 @@ def test_remask_zero_width():
 
 
 @pytest.mark.skipif(VALUE_CHECKS_ON, reason="DID_ENGINE_CHECK_VALUES=1 turns out-of-range values into errors")
+@cuda_only
 def test_remask_clamps_out_of_range_counts():
     # Without the value checks, counts are clamped to [0, min(eligible count, max_k)].
     tokens, confidence, _, eligible = remask_inputs(3, 64)
@@ -442,6 +475,7 @@ def test_remask_opcheck():
 # DID_ENGINE_CHECK_VALUES=1 (read once per process, so in a subprocess)
 
 
+@cuda_only
 def test_value_checks_raise_in_a_subprocess():
     script = textwrap.dedent(
         """
@@ -492,6 +526,7 @@ def test_value_checks_raise_in_a_subprocess():
 # A draft step (decode + commit + remask) captured in a CUDA graph and replayed.
 
 
+@cuda_only
 def test_cuda_graph_capture_of_a_draft_step():
     B, n, H, H_kv, D, S_max, S = 4, 4, 12, 4, 64, 256, 128
     dtype = torch.bfloat16
@@ -543,3 +578,312 @@ def test_cuda_graph_capture_of_a_draft_step():
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and torch.equal(cache_lens, want_lens)
         assert torch.equal(static_idx.cpu(), want_idx)
         assert torch.equal(tokens.cpu(), want_tokens) and torch.equal(confidence.cpu(), want_conf)
+
+
+# ---------------------------------------------------------------------------------------
+# The tensor-core path against the float32 kernel, its two fragment loaders, NaN/inf
+# locality, graphs with splits and big shared memory, offsets beyond 2^31 elements.
+
+
+def fp16_rounding_tolerance(weights: torch.Tensor, values: torch.Tensor, out32: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on |fp16 tensor-core output - float32 kernel output|.
+
+    weights [..., R, L]: float64 softmax weights of R output rows over L keys (masked keys
+    0); values [..., L, D]; out32 [..., R, D]. The tensor-core path multiplies V by
+    probabilities rounded to fp16 (relative error <= 2^-11 each, independent signs): 6
+    standard deviations of that sum, 6 * 2^-11 * sqrt(sum_j w_j^2 v_j^2), plus half an fp16
+    ulp of the output (its final rounding) and 1e-6 for float32 summation order. Both paths
+    divide by float32 sums of the unrounded probabilities.
+    """
+    noise = 2.0**-11 * torch.sqrt(weights.square().matmul(values.double().square()))
+    exponent = torch.frexp(out32.double().abs().clamp(min=2.0**-14)).exponent  # |x| in [2^(e-1), 2^e)
+    half_ulp = torch.pow(2.0, exponent.double() - 12)
+    return 6 * noise + half_ulp + 1e-6
+
+
+def single_key_effect(weights: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Median over rows and keys of how much dropping one key moves its row's output,
+    max over D of w_j |v_j - out| (shapes as fp16_rounding_tolerance; pass a few rows): the
+    tolerance must stay well below it for the test to see one lost key."""
+    moved = weights.unsqueeze(-1) * (values.double().unsqueeze(-3) - out.double().unsqueeze(-2)).abs()
+    return moved.amax(-1).median()
+
+
+def decode_weights_and_values(q, k_cache, v_cache, k_block, v_block, cache_lens, b):
+    """Row b's float64 softmax weights [H, n, L] and values [H, L, D] (GQA expanded)."""
+    H, H_kv, D = q.shape[2], k_cache.shape[2], q.shape[3]
+    length = int(cache_lens[b])
+    keys = torch.cat([k_cache[b, :length], k_block[b]]).double().repeat_interleave(H // H_kv, dim=1)
+    values = torch.cat([v_cache[b, :length], v_block[b]]).double().repeat_interleave(H // H_kv, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q[b].double(), keys) / math.sqrt(D)
+    return scores.softmax(-1), values.permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 4, 1, 64, 4096, [4092]), (2, 16, 20, 4, 128, 2000, [1984, 700])],
+                         ids=["D64-splits", "D128-row-groups"])
+def test_decode_mma_matches_float32_kernel(shape):
+    # fp16 in, tensor-core path; the float32 kernel on the same values upcast is exact to
+    # ~1e-6. The tolerance is derived from the data, and its typical value checked to stay
+    # below half of what one dropped key typically changes: long rows, where a bf16-loose
+    # rule would not see a lost key.
+    args = decode_inputs(*shape, dtype=torch.float16)
+    out16 = ops.block_decode_attention(*args)
+    out32 = ops.block_decode_attention(*(a.float() for a in args[:5]), args[5])
+    for b in range(shape[0]):
+        weights, values = decode_weights_and_values(*args, b)
+        want = out32[b].permute(1, 0, 2)  # [H, n, D]
+        tol = fp16_rounding_tolerance(weights, values, want)
+        effect = single_key_effect(weights[:2, :2], values[:2], want[:2, :2])
+        assert tol.median() < 0.5 * effect, (tol.median().item(), effect.item())
+        err = (out16[b].permute(1, 0, 2).double() - want.double()).abs()
+        assert (err <= tol).all(), f"row {b}: max excess {(err - tol).max().item():.3g}, max err {err.max().item():.3g}"
+
+
+def test_causal_mma_matches_float32_kernel():
+    B, S, H, H_kv, D, bs = 1, 1500, 4, 2, 64, 24
+    q, k, v = causal_inputs(B, S, H, H_kv, D, torch.float16)
+    out16 = ops.block_causal_attention(q, k, v, bs)
+    out32 = ops.block_causal_attention(q.float(), k.float(), v.float(), bs)
+    keys = k[0].double().repeat_interleave(H // H_kv, dim=1).permute(1, 0, 2)  # [H, S, D]
+    values = v[0].double().repeat_interleave(H // H_kv, dim=1).permute(1, 0, 2)
+    scores = q[0].double().permute(1, 0, 2).matmul(keys.transpose(1, 2)) / math.sqrt(D)  # [H, S, S]
+    allowed = reference.block_causal_mask(S, bs, device=q.device)
+    weights = scores.masked_fill(~allowed, -math.inf).softmax(-1)
+    want = out32[0].permute(1, 0, 2)  # [H, S, D]
+    tol = fp16_rounding_tolerance(weights, values, want)
+    # The last rows see all 1500 keys: where one lost key is hardest to see.
+    effect = single_key_effect(weights[:2, -4:], values[:2], want[:2, -4:])
+    assert tol[:, -200:].median() < 0.5 * effect, (tol[:, -200:].median().item(), effect.item())
+    err = (out16[0].permute(1, 0, 2).double() - want.double()).abs()
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}, max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_ldmatrix_and_scalar_fragment_loads_agree(dtype, monkeypatch):
+    # DID_ENGINE_MMA_FRAGMENTS (read at each launch) picks the tensor-core path's K/V loads;
+    # both build the same fragments, so the outputs must be bit-identical, and right.
+    decode_args = decode_inputs(2, 16, 20, 4, 128, 300, [290, 5], dtype)  # R = 80: partial row group
+    decode_args[2][0, 3, 1, 7] = math.nan  # inside row 0's cache: reaches its group only
+    causal_args = causal_inputs(2, 150, 4, 2, 64, dtype)
+    outputs = {}
+    for loads in ("scalar", "ldmatrix"):
+        monkeypatch.setenv("DID_ENGINE_MMA_FRAGMENTS", loads)
+        outputs[loads] = (ops.block_decode_attention(*decode_args), ops.block_causal_attention(*causal_args, 7))
+    for scalar, ldmatrix in zip(outputs["scalar"], outputs["ldmatrix"]):
+        assert torch.equal(scalar.isnan(), ldmatrix.isnan())
+        assert torch.equal(scalar.nan_to_num(), ldmatrix.nan_to_num())
+    check_causal(*causal_args, 7)  # default loads; the scalar ones are bit-equal to them
+
+
+# The CPU locality shapes plus tensor-core ones: many splits (one kv head, S_max 4096) and
+# R = 80 rows per kv head (a partial second row group), D 128.
+DECODE_LOCALITY_SHAPES = [(1, 4, 4, 1, 64, 4096, [3000]), (2, 16, 20, 4, 128, 300, [250, 33])]
+DECODE_LOCALITY_IDS = ["mma-many-splits", "mma-row-groups"]
+if cpu_decode_tests is not None:
+    DECODE_LOCALITY_SHAPES = cpu_decode_tests.LOCALITY_SHAPES + DECODE_LOCALITY_SHAPES
+    DECODE_LOCALITY_IDS = ["cpu-split", "cpu-transposed"] + DECODE_LOCALITY_IDS
+
+
+@pytest.mark.parametrize("special", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DECODE_LOCALITY_SHAPES, ids=DECODE_LOCALITY_IDS)
+def test_decode_cache_tail_is_never_read(shape, dtype, special):
+    # Positions at or past cache_lens[b] may hold anything: bit-equal to random finite tails.
+    args = decode_inputs(*shape, dtype=dtype)
+    clean = ops.block_decode_attention(*args)
+    k_cache, v_cache = args[1].clone(), args[2].clone()
+    for b, length in enumerate(shape[-1]):
+        k_cache[b, length:] = special
+        v_cache[b, length:] = -special
+    assert torch.equal(ops.block_decode_attention(args[0], k_cache, v_cache, *args[3:]), clean)
+
+
+@pytest.mark.parametrize("where", ["q", "k_cache", "v_cache", "k_block", "v_block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DECODE_LOCALITY_SHAPES, ids=DECODE_LOCALITY_IDS)
+@needs_cpu_tests
+def test_decode_non_finite_values_stay_local(shape, dtype, where):
+    # As the CPU test: a NaN reaches exactly the outputs that see it, the rest is bit-equal.
+    D = shape[4]
+    names = ["q", "k_cache", "v_cache", "k_block", "v_block", "cache_lens"]
+    args = dict(zip(names, decode_inputs(*shape, dtype=dtype)))
+    clean = ops.block_decode_attention(*args.values())
+    (b0, pos, head), mask = cpu_decode_tests.nan_case(shape, where)
+    mask = mask.to(DEVICE)
+    args[where] = args[where].clone()
+    args[where][b0, pos, head, D // 2] = math.nan
+    out = ops.block_decode_attention(*args.values())
+    assert torch.equal(out[~mask], clean[~mask])
+    assert not torch.isfinite(out[mask]).all(dim=-1).any()
+
+
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 37, 6, 2, 20, 5), (1, 70, 2, 2, 64, 16), (2, 40, 24, 4, 16, 1), (1, 200, 4, 2, 64, 24), (1, 150, 2, 1, 128, 7)],
+    ids=["gqa-bs5", "bs16", "transposed-causal", "mma-tiles-bs24", "mma-D128-bs7"],
+)
+@needs_cpu_tests
+def test_causal_non_finite_values_stay_local(shape, dtype, where, special):
+    # The CPU test's cases (seen_by from tests/test_block_causal_attention.py) plus
+    # tensor-core shapes whose blocks straddle 64-key tiles (masked diagonal tiles).
+    B, S, H, H_kv, D, block_size = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, where)).encode()))
+    q, k, v = causal_inputs(B, S, H, H_kv, D, dtype)
+    dirty = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    heads = H if where == "q" else H_kv
+    b0, p0, h0, d0 = (int(torch.randint(0, m, (1,), generator=gen)) for m in (B, S, heads, D))
+    dirty[where][b0, p0, h0, d0] = special
+    mask = cpu_causal_tests.seen_by((B, S, H, H_kv), block_size, where, b0, p0, h0).to(DEVICE)
+    clean = ops.block_causal_attention(q, k, v, block_size)
+    out = ops.block_causal_attention(dirty["q"], dirty["k"], dirty["v"], block_size)
+    assert torch.equal(out[~mask], clean[~mask]), "the value leaked to outputs that do not see it"
+    if math.isnan(special) or where == "v":
+        assert not torch.isfinite(out[mask]).all(dim=-1).any(), "an output that sees it stayed finite"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 4, 4, 1, 64, 8192, [8188]), (2, 16, 8, 2, 80, 6000, [5990, 3001]), (1, 1, 8, 1, 128, 4096, [4095])],
+    ids=["D64", "D80-gqa", "D128-n1"],
+)
+def test_decode_float32_long_rows_with_splits(shape):
+    # float32 through the FMA kernel with many splits, under the build's --use_fast_math
+    # (setup.py; exp2f/log2f/division are approximate there): still 1e-5 of float64, with
+    # scores spread wide (x2 inputs) so that the split log-sum-exp merge matters.
+    args = list(decode_inputs(*shape, dtype=torch.float32))
+    args[0] = args[0] * 2
+    args[1] = args[1] * 2
+    check_decode(tuple(args))
+
+
+def test_size_one_dims_keep_the_fast_path():
+    # Size-1 dims may carry any stride; the kernels must not let it push an aligned input off
+    # the tensor-core path: the outputs are bit-equal to those of contiguous copies (the
+    # FMA fallback would round differently).
+    D, H, H_kv, S_max, n = 64, 4, 2, 200, 1
+    def odd(t):  # the same values, with stride 3 (odd elements) on every size-1 dim
+        strides = [3 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
+        out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+        out.copy_(t)
+        return out
+    args = decode_inputs(1, n, H, H_kv, D, S_max, [150], torch.bfloat16)
+    odd_args = [odd(a) for a in args[:5]] + [args[5]]
+    assert odd_args[0].stride(0) == 3 and odd_args[0].stride(1) == 3
+    assert torch.equal(ops.block_decode_attention(*odd_args), ops.block_decode_attention(*args))
+    q, k, v = causal_inputs(1, 77, H, H_kv, D, torch.bfloat16)
+    assert torch.equal(ops.block_causal_attention(odd(q), odd(k), odd(v), 8), ops.block_causal_attention(q, k, v, 8))
+    commit = commit_inputs(1, 4, H_kv, D, 40, [9], torch.bfloat16)
+    check_commit(tuple(odd(a) for a in commit[:4]) + (commit[4],))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_cuda_graph_capture_of_decode_with_splits(dtype):
+    # One kv head and S_max 4096: the plan gives many KV splits (one row group), so the graph
+    # holds the main kernel, the split workspace and the combine kernel.
+    B, n, H, H_kv, D, S_max = 2, 4, 4, 1, 64, 4096
+    args = decode_inputs(B, n, H, H_kv, D, S_max, [4096, 0], dtype)
+    static = [a.clone() for a in args]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.block_decode_attention(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ops.block_decode_attention(*static)
+    for lens in ([4096, 0], [1000, 4093], [63, 2049]):
+        fresh = decode_inputs(B, n, H, H_kv, D, S_max, lens, dtype)
+        for t, f in zip(static, fresh):
+            t.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        want64 = reference.reference_block_decode_attention(*(a.double() for a in fresh[:5]), fresh[5])
+        want_low = None if dtype == torch.float32 else reference.reference_block_decode_attention(*fresh)
+        assert_flash_error_rule(static_out, want64, want_low)
+        assert torch.equal(static_out, ops.block_decode_attention(*fresh))  # graph == eager, bit for bit
+
+
+@cuda_only
+def test_big_shared_memory_kernels_captured_before_any_eager_launch():
+    # head_dim 128 on the tensor cores needs 68 KB of shared memory (above the default 48 KB):
+    # the opt-in (cudaFuncSetAttribute) then happens inside the capture, in a fresh process
+    # where nothing launched these kernels before.
+    script = textwrap.dedent(
+        """
+        import torch
+        from did_engine import ops
+        from did_engine.ops import reference
+        torch.manual_seed(0)
+        dev, dt = "cuda", torch.bfloat16
+        q = torch.randn(2, 16, 8, 128, device=dev, dtype=dt)
+        kc, vc = (torch.randn(2, 700, 2, 128, device=dev, dtype=dt) for _ in range(2))
+        kb, vb = (torch.randn(2, 16, 2, 128, device=dev, dtype=dt) for _ in range(2))
+        lens = torch.tensor([700, 31], dtype=torch.int32, device=dev)
+        cq, ck, cv = (torch.randn(1, 300, 4, 128, device=dev, dtype=dt) for _ in range(3))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode_out = ops.block_decode_attention(q, kc, vc, kb, vb, lens)
+            causal_out = ops.block_causal_attention(cq, ck, cv, 16)
+        graph.replay()
+        torch.cuda.synchronize()
+        checks = [
+            (decode_out, reference.reference_block_decode_attention(q.double(), kc.double(), vc.double(),
+                                                                     kb.double(), vb.double(), lens),
+             reference.reference_block_decode_attention(q, kc, vc, kb, vb, lens)),
+            (causal_out, reference.reference_block_causal_attention(cq.double(), ck.double(), cv.double(), 16),
+             reference.reference_block_causal_attention(cq, ck, cv, 16)),
+        ]
+        for out, ref64, ref_low in checks:
+            err = (out.double() - ref64).abs().max().item()
+            ref_err = (ref_low.double() - ref64).abs().max().item()
+            assert torch.isfinite(out).all() and err <= 2 * ref_err + 1e-5, (err, ref_err)
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
+
+
+@cuda_only
+@pytest.mark.slow
+def test_offsets_beyond_2_31_elements():
+    # Batch row 1 of every input starts 2^31 + 64 elements into its buffer: int32 offsets
+    # would wrap. bf16, head_dim 64, aligned: the tensor-core paths (kv_commit takes 64-bit
+    # math: its caches' extent is beyond 2^31 bytes).
+    far = 2**31 + 64
+    H, H_kv, D, S, n = 4, 2, 64, 1024, 16
+    need = 3 * 2 * (far + S * H * D)  # bytes: q, k, v buffers
+    free, _ = torch.cuda.mem_get_info()
+    if free < need + 2 * 2**30:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    dtype = torch.bfloat16
+
+    def far_rows(heads, rows):  # [2, rows, heads, D] with batch stride `far`; rows 0 and 1 random
+        buffer = torch.empty(far + rows * heads * D, dtype=dtype, device=DEVICE)
+        view = buffer.as_strided((2, rows, heads, D), (far, heads * D, D, 1))
+        view[0].normal_()
+        view[1].normal_()
+        return view
+
+    q_all, k_cache, v_cache = far_rows(H, S), far_rows(H_kv, S), far_rows(H_kv, S)
+    small = lambda t: t.contiguous()  # noqa: E731 - both rows, copied out of the big buffers
+    # kv_commit into row 1's far region; nothing else in the row changes.
+    k_block, v_block = (torch.randn(2, n, H_kv, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    lens = torch.tensor([100, 1000], dtype=torch.int32, device=DEVICE)
+    want_k, want_v, want_lens = reference.reference_kv_commit(small(k_cache), small(v_cache), k_block, v_block, lens)
+    ops.kv_commit(k_cache, v_cache, k_block, v_block, lens)
+    assert torch.equal(small(k_cache), want_k) and torch.equal(small(v_cache), want_v)
+    assert torch.equal(lens, want_lens)
+    # Decode over the committed caches, q from the far buffer too.
+    q = q_all[:, :n]
+    args = (q, k_cache, v_cache, torch.randn_like(k_block), torch.randn_like(v_block), lens)
+    out = ops.block_decode_attention(*args)
+    small_args = [small(a) for a in args]
+    ref64 = reference.reference_block_decode_attention(*(a.double() for a in small_args[:5]), lens)
+    assert_flash_error_rule(out, ref64, reference.reference_block_decode_attention(*small_args))
+    # Block-causal prefill over the far buffers (kv heads of k/v, all heads of q).
+    check_causal(q_all, k_cache, v_cache, 64)

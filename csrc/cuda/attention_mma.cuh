@@ -28,7 +28,11 @@ __device__ __forceinline__ float bits_to_float(uint16_t x) {
 // the exponentials. All state is in registers, distributed like the mma C fragments: with
 // g = lane / 4 and c = lane % 4, this lane holds rows g and g + 8 of the M-tile, and of
 // each 8-column block the columns 2c and 2c + 1.
-template <typename T, int D>
+//
+// K and V fragments come from shared memory through ldmatrix (kLoads = kLdmatrix) or scalar
+// loads (kScalar); both give every lane the same registers (see load_key_fragments and
+// load_value_fragments), so the results are bit-identical.
+template <typename T, int D, FragmentLoads kLoads = FragmentLoads::kLdmatrix>
 struct MmaRowTile {
   static_assert(D % 16 == 0, "the tensor-core path needs head_dim % 16 == 0");
   static constexpr int kDSteps = D / 16;  // k-steps of Q K^T (over head_dim)
@@ -67,7 +71,8 @@ struct MmaRowTile {
   }
 
   // Attends to KEYS keys staged in shared memory as raw 16-bit values: key j's D elements
-  // at keys + j * pitch, its value at values + j * pitch (pitch even). allowed(row, j) tells
+  // at keys + j * pitch, its value at values + j * pitch (keys, values and pitch * 2 bytes
+  // multiples of 16: ldmatrix rows). allowed(row, j) tells
   // whether M-tile row `row` (0..15) may see key j (0..KEYS-1); disallowed keys get
   // probability exactly 0.
   //
@@ -83,8 +88,7 @@ struct MmaRowTile {
     constexpr int kKeyTiles = KEYS / 8;
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
 
-    // S = Q K^T; s[nt] is the 16 x 8 block of keys 8nt .. 8nt + 7. B = K^T, so b[0] holds
-    // K[8nt + g][16ks + 2c, +1]: two adjacent elements of one key row.
+    // S = Q K^T; s[nt] is the 16 x 8 block of keys 8nt .. 8nt + 7.
     float s[kKeyTiles][4];
 #pragma unroll
     for (int nt = 0; nt < kKeyTiles; ++nt)
@@ -93,11 +97,11 @@ struct MmaRowTile {
 #pragma unroll
     for (int ks = 0; ks < kDSteps; ++ks) {
 #pragma unroll
-      for (int nt = 0; nt < kKeyTiles; ++nt) {
-        const uint16_t* key_row = keys + (nt * 8 + g) * pitch + ks * 16 + 2 * c;
-        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(key_row),
-                               *reinterpret_cast<const uint32_t*>(key_row + 8)};
-        mma_16x8x16<T>(s[nt], q[ks], b);
+      for (int nt = 0; nt < kKeyTiles; nt += 2) {
+        uint32_t b[2][2];
+        load_key_fragments(keys, pitch, ks, nt, b);
+        mma_16x8x16<T>(s[nt], q[ks], b[0]);
+        mma_16x8x16<T>(s[nt + 1], q[ks], b[1]);
       }
     }
 
@@ -148,36 +152,39 @@ struct MmaRowTile {
     }
 
     // O += P V. The C fragments of key blocks 2kk and 2kk + 1 are exactly the A fragment of
-    // keys 16kk .. 16kk + 15. b[0] holds V[16kk + 2c, +1][8dt + g] (two key rows), each
-    // 16-bit value passed through value_bits.
-    auto accumulate_pv = [&](auto value_bits) {
+    // keys 16kk .. 16kk + 15. Each 32-bit V register (two 16-bit values) passes through
+    // value_pair.
+    auto accumulate_pv = [&](auto value_pair) {
 #pragma unroll
       for (int kk = 0; kk < KEYS / 16; ++kk) {
         const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                                pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-        const uint16_t* value_col = values + (kk * 16 + 2 * c) * pitch + g;
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          const uint16_t* v = value_col + dt * 8;
-          const uint32_t b[2] = {value_bits(v[0]) | (value_bits(v[pitch]) << 16),
-                                 value_bits(v[8 * pitch]) | (value_bits(v[9 * pitch]) << 16)};
-          mma_16x8x16<T>(acc[dt], a, b);
+        for (int dt = 0; dt < kDTiles; dt += 2) {
+          uint32_t b[2][2];
+          load_value_fragments(values, pitch, kk, dt, b);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const uint32_t filtered[2] = {value_pair(b[i][0]), value_pair(b[i][1])};
+            mma_16x8x16<T>(acc[dt + i], a, filtered);
+          }
         }
       }
     };
     if (!masked) {
-      accumulate_pv([](uint16_t x) { return uint32_t(x); });
+      accumulate_pv([](uint32_t pair) { return pair; });
       return;
     }
 
     // Masked: the same MMA with every non-finite value replaced by 0 (a row that does not
     // see it then adds exactly what it adds for a finite value: p = 0 times a number).
     bool any_non_finite = false;
-    accumulate_pv([&](uint16_t x) -> uint32_t {
-      const bool non_finite = is_non_finite_bits<T>(x);
-      any_non_finite |= non_finite;
-      return non_finite ? 0u : uint32_t(x);
+    accumulate_pv([&](uint32_t pair) -> uint32_t {
+      const bool lo_bad = is_non_finite_bits<T>(static_cast<uint16_t>(pair & 0xFFFFu));
+      const bool hi_bad = is_non_finite_bits<T>(static_cast<uint16_t>(pair >> 16));
+      any_non_finite |= lo_bad || hi_bad;
+      return (lo_bad ? 0u : pair & 0xFFFFu) | (hi_bad ? 0u : pair & 0xFFFF0000u);
     });
     if (!__any_sync(0xffffffffu, any_non_finite)) return;
 
@@ -202,6 +209,53 @@ struct MmaRowTile {
             if (sees_hi) acc[dt][2 + i] = fmaf(p_hi, v, acc[dt][2 + i]);
           }
         }
+      }
+    }
+  }
+
+  // B fragments of K^T for key blocks nt and nt + 1 (8 keys each) and head_dim columns
+  // 16ks .. 16ks + 15: b[i][0] = K[8(nt + i) + g][16ks + 2c, +1], b[i][1] the same 8
+  // columns further (the mma B layout with B = K^T: one key row, two adjacent elements).
+  // ldmatrix: matrix m = 2i + h (landing in b[i][h]) is keys 8(nt + i) .. + 7 (its rows) by
+  // columns 16ks + 8h .. + 7, and the plain layout gives exactly these registers. Lane l
+  // addresses row l % 8 of matrix l / 8.
+  __device__ __forceinline__ static void load_key_fragments(const uint16_t* keys, int pitch, int ks, int nt,
+                                                            uint32_t (&b)[2][2]) {
+    const int lane = threadIdx.x & 31;
+    if constexpr (kLoads == FragmentLoads::kLdmatrix) {
+      const int m = lane >> 3;
+      const int key = 8 * (nt + (m >> 1)) + (lane & 7);
+      ldmatrix_x4<false>(b, keys + key * pitch + 16 * ks + 8 * (m & 1));
+    } else {
+      const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint16_t* key_row = keys + (8 * (nt + i) + g) * pitch + 16 * ks + 2 * c;
+        b[i][0] = *reinterpret_cast<const uint32_t*>(key_row);
+        b[i][1] = *reinterpret_cast<const uint32_t*>(key_row + 8);
+      }
+    }
+  }
+
+  // B fragments of V for keys 16kk .. 16kk + 15 and head_dim columns 8(dt + i) + g:
+  // b[i][0] = V[16kk + 2c, +1][8(dt + i) + g] (two key rows of one column), b[i][1] the same
+  // for keys 16kk + 8 + 2c, +1. ldmatrix .trans: matrix m = 2i + h (landing in b[i][h]) is
+  // keys 16kk + 8h .. + 7 (its rows, as stored) by columns 8(dt + i) .. + 7; transposed,
+  // lane (g, c) gets rows 2c, 2c + 1 of column g: exactly these registers.
+  __device__ __forceinline__ static void load_value_fragments(const uint16_t* values, int pitch, int kk, int dt,
+                                                              uint32_t (&b)[2][2]) {
+    const int lane = threadIdx.x & 31;
+    if constexpr (kLoads == FragmentLoads::kLdmatrix) {
+      const int m = lane >> 3;
+      const int key = 16 * kk + 8 * (m & 1) + (lane & 7);
+      ldmatrix_x4<true>(b, values + key * pitch + 8 * (dt + (m >> 1)));
+    } else {
+      const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint16_t* v = values + (16 * kk + 2 * c) * pitch + 8 * (dt + i) + g;
+        b[i][0] = uint32_t(v[0]) | (uint32_t(v[pitch]) << 16);
+        b[i][1] = uint32_t(v[8 * pitch]) | (uint32_t(v[9 * pitch]) << 16);
       }
     }
   }

@@ -79,7 +79,7 @@ constexpr size_t causal_mma_smem_bytes() {
   return 2 * 2 * kCausalMmaTileKeys * (D + 8) * sizeof(uint16_t);
 }
 
-template <typename T, int D>
+template <typename T, int D, FragmentLoads kLoads>
 __global__ void __launch_bounds__(kCausalThreads) block_causal_mma_kernel(const BlockCausalParams p) {
   constexpr int kPitch = D + 8;
   constexpr int kTileElems = kCausalMmaTileKeys * kPitch;
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kCausalThreads) block_causal_mma_kernel(const 
   const int warp_row0 = q0 + warp * 16;
   const int warp_rows = max(0, min(16, S - warp_row0));
 
-  MmaRowTile<T, D> tile;
+  MmaRowTile<T, D, kLoads> tile;
   tile.init();
   tile.load_queries([&](int r) { return causal_query_row<T>(p, cta, warp_row0 + r); }, warp_rows);
   // Key ends of this lane's rows g and g + 8 (rows past S get S: harmless, never written).
@@ -223,26 +223,33 @@ int64_t plan_block_causal_attention(BlockCausalParams& p, FloatKind kind) {
   return block_causal_ctas(p);
 }
 
-template <typename Kernel>
-inline cudaError_t launch_causal(Kernel kernel, size_t smem, cudaStream_t stream, const BlockCausalParams& p) {
-  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+template <auto kKernel>
+inline cudaError_t launch_causal(size_t smem, cudaStream_t stream, const BlockCausalParams& p) {
+  const cudaError_t err = allow_dynamic_smem<kKernel>(smem);
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(block_causal_ctas(p)), kCausalThreads, smem, stream>>>(p);
+  kKernel<<<static_cast<unsigned>(block_causal_ctas(p)), kCausalThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, FragmentLoads kLoads>
+inline cudaError_t launch_block_causal_mma(const BlockCausalParams& p, cudaStream_t stream) {
+  if (p.head_dim == 64) return launch_causal<block_causal_mma_kernel<T, 64, kLoads>>(causal_mma_smem_bytes<64>(), stream, p);
+  return launch_causal<block_causal_mma_kernel<T, 128, kLoads>>(causal_mma_smem_bytes<128>(), stream, p);
 }
 
 template <typename T>
 inline cudaError_t launch_block_causal_typed(const BlockCausalParams& p, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (p.tensor_cores) {
-      if (p.head_dim == 64) return launch_causal(block_causal_mma_kernel<T, 64>, causal_mma_smem_bytes<64>(), stream, p);
-      return launch_causal(block_causal_mma_kernel<T, 128>, causal_mma_smem_bytes<128>(), stream, p);
+      if (requested_fragment_loads() == FragmentLoads::kScalar)
+        return launch_block_causal_mma<T, FragmentLoads::kScalar>(p, stream);
+      return launch_block_causal_mma<T, FragmentLoads::kLdmatrix>(p, stream);
     }
   }
-  if (p.head_dim <= 64) return launch_causal(block_causal_fma_kernel<T, 64>, fma_smem_floats<64>() * sizeof(float), stream, p);
+  if (p.head_dim <= 64) return launch_causal<block_causal_fma_kernel<T, 64>>(fma_smem_floats<64>() * sizeof(float), stream, p);
   if (p.head_dim <= 128)
-    return launch_causal(block_causal_fma_kernel<T, 128>, fma_smem_floats<128>() * sizeof(float), stream, p);
-  return launch_causal(block_causal_fma_kernel<T, 256>, fma_smem_floats<256>() * sizeof(float), stream, p);
+    return launch_causal<block_causal_fma_kernel<T, 128>>(fma_smem_floats<128>() * sizeof(float), stream, p);
+  return launch_causal<block_causal_fma_kernel<T, 256>>(fma_smem_floats<256>() * sizeof(float), stream, p);
 }
 
 cudaError_t launch_block_causal_attention(const BlockCausalParams& p, FloatKind kind, cudaStream_t stream) {

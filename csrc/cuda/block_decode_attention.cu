@@ -124,7 +124,7 @@ constexpr size_t decode_mma_smem_bytes() {
   return tiles > merge ? tiles : merge;
 }
 
-template <typename T, int D>
+template <typename T, int D, FragmentLoads kLoads>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention_mma_kernel(const DecodeAttentionParams p) {
   constexpr int kPitch = D + 8;
   constexpr int kTileElems = kDecodeTileKeys * kPitch;
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_mma_kernel(co
   const int my_m_tile = warp % m_slots, my_part = warp / m_slots;
   const int my_rows = max(0, min(16, cta.rows - my_m_tile * 16));
 
-  MmaRowTile<T, D> tile;
+  MmaRowTile<T, D, kLoads> tile;
   tile.init();
   tile.load_queries([&](int r) { return decode_query_row<T>(p, cta, my_m_tile * 16 + r); }, my_rows);
 
@@ -338,30 +338,36 @@ int64_t plan_decode_attention(DecodeAttentionParams& p, FloatKind kind, int num_
   return base_ctas * p.num_splits;
 }
 
-template <typename Kernel>
-inline cudaError_t launch_with_smem(Kernel kernel, int64_t ctas, size_t smem, cudaStream_t stream,
-                                    const DecodeAttentionParams& p) {
-  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+template <auto kKernel>
+inline cudaError_t launch_with_smem(int64_t ctas, size_t smem, cudaStream_t stream, const DecodeAttentionParams& p) {
+  const cudaError_t err = allow_dynamic_smem<kKernel>(smem);
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(ctas), kDecodeThreads, smem, stream>>>(p);
+  kKernel<<<static_cast<unsigned>(ctas), kDecodeThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, FragmentLoads kLoads>
+inline cudaError_t launch_decode_mma(const DecodeAttentionParams& p, int64_t ctas, cudaStream_t stream) {
+  if (p.head_dim == 64)
+    return launch_with_smem<decode_attention_mma_kernel<T, 64, kLoads>>(ctas, decode_mma_smem_bytes<64>(), stream, p);
+  return launch_with_smem<decode_attention_mma_kernel<T, 128, kLoads>>(ctas, decode_mma_smem_bytes<128>(), stream, p);
 }
 
 template <typename T>
 inline cudaError_t launch_decode_main(const DecodeAttentionParams& p, int64_t ctas, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (p.tensor_cores) {
-      if (p.head_dim == 64)
-        return launch_with_smem(decode_attention_mma_kernel<T, 64>, ctas, decode_mma_smem_bytes<64>(), stream, p);
-      return launch_with_smem(decode_attention_mma_kernel<T, 128>, ctas, decode_mma_smem_bytes<128>(), stream, p);
+      if (requested_fragment_loads() == FragmentLoads::kScalar)
+        return launch_decode_mma<T, FragmentLoads::kScalar>(p, ctas, stream);
+      return launch_decode_mma<T, FragmentLoads::kLdmatrix>(p, ctas, stream);
     }
   }
   if (p.head_dim <= 64)
-    return launch_with_smem(decode_attention_fma_kernel<T, 64>, ctas, fma_smem_floats<64>() * sizeof(float), stream, p);
+    return launch_with_smem<decode_attention_fma_kernel<T, 64>>(ctas, fma_smem_floats<64>() * sizeof(float), stream, p);
   if (p.head_dim <= 128)
-    return launch_with_smem(decode_attention_fma_kernel<T, 128>, ctas, fma_smem_floats<128>() * sizeof(float), stream,
-                            p);
-  return launch_with_smem(decode_attention_fma_kernel<T, 256>, ctas, fma_smem_floats<256>() * sizeof(float), stream, p);
+    return launch_with_smem<decode_attention_fma_kernel<T, 128>>(ctas, fma_smem_floats<128>() * sizeof(float), stream,
+                                                                 p);
+  return launch_with_smem<decode_attention_fma_kernel<T, 256>>(ctas, fma_smem_floats<256>() * sizeof(float), stream, p);
 }
 
 template <typename T>

@@ -45,8 +45,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -211,15 +213,69 @@ __device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], const uint32_
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// ldmatrix (sm_75 and later): each of the 32 lanes gives the shared address of one 16-byte
+// row of 8 16-bit values; lanes 8i .. 8i + 7 address rows 0..7 of matrix i (i = 0..3).
+// Register r[i / 2][i % 2] of lane (g = lane / 4, c = lane % 4) then holds, of matrix i,
+//   plain (kTrans false):  M_i[g][2c], M_i[g][2c + 1]   (row g, two adjacent columns)
+//   .trans (kTrans true):  M_i[2c][g], M_i[2c + 1][g]   (column g, two adjacent rows)
+// with the first element in the low half. Row addresses must be 16-byte aligned.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[2][2], const void* smem_row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0][0]), "=r"(r[0][1]), "=r"(r[1][0]), "=r"(r[1][1])
+                 : "r"(addr)
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0][0]), "=r"(r[0][1]), "=r"(r[1][0]), "=r"(r[1][1])
+                 : "r"(addr)
+                 : "memory");
+  }
+}
+
+// How the tensor-core kernels read K and V fragments from shared memory: ldmatrix (the
+// default), or one 32-bit / two 16-bit shared loads per register (the first
+// implementation, kept to check ldmatrix against: both build the same fragments, so the
+// outputs are bit-identical).
+enum class FragmentLoads { kLdmatrix, kScalar };
+
+#ifndef DID_ENGINE_MMA_SCALAR_FRAGMENTS
+#define DID_ENGINE_MMA_SCALAR_FRAGMENTS 0  // build with -DDID_ENGINE_MMA_SCALAR_FRAGMENTS=1 for scalar loads
+#endif
+
+// The fragment loads of the next launch: the build's default (the macro above), unless the
+// environment variable DID_ENGINE_MMA_FRAGMENTS is "scalar" or "ldmatrix". Read at every
+// launch (a getenv, far below a launch's cost) so that one process, e.g. a test, can run
+// both and compare them.
+inline FragmentLoads requested_fragment_loads() {
+  const char* env = std::getenv("DID_ENGINE_MMA_FRAGMENTS");
+  if (env != nullptr && std::strcmp(env, "scalar") == 0) return FragmentLoads::kScalar;
+  if (env != nullptr && std::strcmp(env, "ldmatrix") == 0) return FragmentLoads::kLdmatrix;
+  return DID_ENGINE_MMA_SCALAR_FRAGMENTS ? FragmentLoads::kScalar : FragmentLoads::kLdmatrix;
+}
+
 // ---------------------------------------------------------------------------------------
 // Host-side launch helper.
 
-// Allows a kernel more than 48 KB of dynamic shared memory (needed once per device; cheap,
-// and legal during stream capture since it is no stream operation).
-template <typename Kernel>
-inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+// Allows kKernel `bytes` of dynamic shared memory when that is more than the default 48 KB.
+// The attribute belongs to the kernel on the current device, so it is set once per kernel
+// and device (a flag per device, for devices 0..63; others set it at every launch).
+// `bytes` must be the same at every call for one kernel (all callers pass a constant of
+// the kernel's template parameters). No stream operation: legal during graph capture.
+template <auto kKernel>
+inline cudaError_t allow_dynamic_smem(size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  static std::atomic<uint64_t> done_on_device{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done_on_device.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess && bit != 0) done_on_device.fetch_or(bit, std::memory_order_acq_rel);
+  return err;
 }
 
 }  // namespace cuda

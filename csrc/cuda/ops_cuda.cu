@@ -65,9 +65,12 @@ void check_on_cuda(const at::Tensor& t, const char* op, const char* name) {
   DID_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
 }
 
-// Strides of dims 0..2 of a 4-D tensor, in elements.
-void outer_strides(const at::Tensor& t, int64_t (&strides)[3]) {
-  for (int i = 0; i < 3; ++i) strides[i] = t.stride(i);
+// Strides of dims 0..2 of a 4-D tensor, times `scale` (1: elements, element size: bytes).
+// A dimension of size 1 is only ever indexed at 0, so its stride is passed as 0: whatever
+// torch reports for it (any value is legal) then never makes the kernels' alignment
+// checks refuse a fast path or their 32-bit offset checks refuse 32-bit math.
+void outer_strides(const at::Tensor& t, int64_t (&strides)[3], int64_t scale = 1) {
+  for (int i = 0; i < 3; ++i) strides[i] = t.size(i) == 1 ? 0 : t.stride(i) * scale;
 }
 
 cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
@@ -182,12 +185,10 @@ void kv_commit_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
   p.v_block = static_cast<const char*>(v_block.data_ptr());
   p.cache_lens = cache_lens.data_ptr<int32_t>();
   p.cache_lens_stride = cache_lens.stride(0);
-  for (int i = 0; i < 3; ++i) {
-    p.k_cache_strides[i] = k_cache.stride(i) * elem;
-    p.v_cache_strides[i] = v_cache.stride(i) * elem;
-    p.k_block_strides[i] = k_block.stride(i) * elem;
-    p.v_block_strides[i] = v_block.stride(i) * elem;
-  }
+  outer_strides(k_cache, p.k_cache_strides, elem);
+  outer_strides(v_cache, p.v_cache_strides, elem);
+  outer_strides(k_block, p.k_block_strides, elem);
+  outer_strides(v_block, p.v_block_strides, elem);
   p.batch = static_cast<int>(B);
   p.block_len = static_cast<int>(n);
   p.kv_heads = static_cast<int>(H_kv);
