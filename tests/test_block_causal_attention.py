@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def seen_by(shape, block_size, where, b0, p0, h0):
                          ids=["gqa-bs5", "bs16", "transposed-causal"])
 def test_non_finite_values_stay_local(shape, dtype, where, special):
     B, S, H, H_kv, D, block_size = shape
-    gen = torch.Generator().manual_seed(hash((shape, where)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, where)).encode()))  # same in every process
     q, k, v = make_inputs(B, S, H, H_kv, D, dtype=dtype)
     dirty = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
     heads = H if where == "q" else H_kv
