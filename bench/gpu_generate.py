@@ -71,7 +71,7 @@ def decode_inputs(model, B: int, L: int, device):
     cache = model.new_kv_cache(B, max_len=L - bs)
     cache.k.normal_()
     cache.v.normal_()
-    cache._layer_lengths.fill_(L - 2 * bs)
+    cache.set_lengths(L - 2 * bs)
     return torch.randint(0, model.mask_id, (B, bs), device=device), cache
 
 

@@ -137,6 +137,8 @@ def open_regular_file(path: str):
         raise CheckpointNotFoundError(f"{path} not found") from None
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # os.stat's "embedded null byte"
+        raise CheckpointError(f"{path!r} is not a usable path: {e}") from None
     try:
         _check_regular(path, os.fstat(fd).st_mode)
     except BaseException:
@@ -222,7 +224,7 @@ def _header_entry(path: str, name: str, info) -> TensorEntry:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise bad("must be an object with exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise bad(f"has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > MAX_TENSOR_RANK or not all(map(is_index, shape)):
         raise bad(f"has shape {shape!r}: expected at most {MAX_TENSOR_RANK} non-negative integers")

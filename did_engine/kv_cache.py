@@ -39,11 +39,15 @@ class BlockKVCache:
         self.offset = torch.zeros(batch_size, device=device, dtype=torch.int64)
         # A host-side upper bound on every row's length, kept without reading the device:
         # make_room needs the lengths only when this bound says a row might overflow, so a
-        # commit inside the window never synchronises (and can be captured in a CUDA graph).
+        # commit inside the window never synchronises. It holds as long as lengths change
+        # only through this class (make_room before each commit, set_lengths, copy_, reset):
+        # treat ``lengths`` as read-only, and advance the bound yourself (make_room) when
+        # replaying a captured commit.
         self._length_bound = 0
 
     @property
     def lengths(self) -> torch.Tensor:
+        """int32 [B], read-only: write lengths with set_lengths (see _length_bound)."""
         return self._layer_lengths[0]
 
     @property
@@ -76,6 +80,8 @@ class BlockKVCache:
 
     def copy_(self, other: "BlockKVCache") -> "BlockKVCache":
         """Make this cache hold what ``other`` holds (same shapes), in place."""
+        if self.k.shape != other.k.shape:
+            raise ValueError(f"copy_ needs caches of one shape, got {tuple(other.k.shape)} into {tuple(self.k.shape)}")
         self.k.copy_(other.k), self.v.copy_(other.v)
         self._layer_lengths.copy_(other._layer_lengths), self.offset.copy_(other.offset)
         self._length_bound = other._length_bound

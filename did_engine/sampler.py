@@ -542,8 +542,9 @@ class DiDSampler:
         if prompt is None:
             return None
         prompt = torch.as_tensor(prompt, device=device)
-        # Float ids would be truncated silently by a cast: refuse them (and bools).
-        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+        # Float ids would be truncated silently by a cast: refuse them (and bools). An empty
+        # prompt ([] becomes a float tensor) holds no ids to truncate.
+        if prompt.numel() and (prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool):
             raise UserError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
         prompt = prompt.to(torch.int64)
         if prompt.dim() == 1:
@@ -710,7 +711,8 @@ class DiDSampler:
     def _refine(self, tokens, confidence, P, stage, drawer, gens, counter, progress):
         B, L = tokens.shape
         bs = stage.block_size
-        if bs is None or bs >= L:  # global (checked against the context by _check_stages)
+        if bs is None or bs >= L:  # global
+            self._check_global(L)  # (generate/refine checked it up front; a host-side compare)
             counter.setdefault("forward", 0)
             targets = tokens == self.mask_id
             if stage.reuse_context:  # it counts its full and partial forwards itself

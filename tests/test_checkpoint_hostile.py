@@ -330,6 +330,8 @@ def _gallery():
             shape=[-1, 32]) or h), refuse_weights),
         "weights_unknown_dtype": ("tiny", _weights(header_edit=lambda h: h[_first_key(h)].update(dtype="Q4") or h),
                                   refuse_weights),
+        "weights_dtype_is_a_list": ("tiny", _weights(header_edit=lambda h: h[_first_key(h)].update(dtype=["F32"]) or h),
+                                    refuse_weights),
         "weights_extra_10gb_tensor_declared": ("tiny", _weights(header_edit=_declare_10gb), refuse_weights),
         "weights_embedding_declared_10gb": ("tiny", lambda d: (_set(vocab_size=2_441_406, hidden_dim=1024, n_heads=4)(d),
                                                                _weights(header_edit=_embed_10gb)(d)), refuse_weights),

@@ -283,6 +283,15 @@ def test_sliding_window_drops_whole_blocks_and_keeps_relative_positions():
     torch.testing.assert_close(logits, rebased, atol=2e-5, rtol=1e-5)
 
 
+def test_a_checkpoint_path_with_a_nul_byte_is_a_checkpoint_error():
+    from did_engine.checkpoint import open_regular_file
+
+    with pytest.raises(CheckpointError):
+        BlockDiffusionLM.from_pretrained("/tmp/a\x00b")
+    with pytest.raises(CheckpointError, match="not a usable path"):
+        open_regular_file("/tmp/a\x00b/config.json")
+
+
 def test_commits_read_lengths_back_only_when_a_row_might_overflow(monkeypatch):
     """Inside the window a commit never reads the lengths back to the host (a GPU would
     synchronise); near the edge it reads them once per commit, and rows of different lengths

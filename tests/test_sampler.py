@@ -442,6 +442,13 @@ def test_bad_generate_arguments_are_refused_before_any_model_call():
         generate(model, 1, eos_id=model.mask_id)
 
 
+def test_an_empty_prompt_is_no_prompt():
+    model = tiny_model()
+    for empty in ([], torch.tensor([]), torch.zeros(0, dtype=torch.int64)):
+        result = generate(model, 2, prompt=empty, length=8, stages=[], generator=torch.Generator().manual_seed(1))
+        assert result.prompt_length == 0 and result.tokens.shape == (2, 8)
+
+
 def test_a_length_no_global_stage_can_take_is_refused_before_the_draft():
     toy = ToyDenoiser(random_table(L=16, V=9))
     toy.config.model_length = 12  # drafts past its context (sliding cache); global blocks cannot

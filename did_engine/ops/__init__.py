@@ -7,6 +7,10 @@ registered here give output metadata without computing, so the ops work under
 ``torch.compile`` and ``torch.library.opcheck``. The pure-PyTorch ground truth of each op
 is in :mod:`did_engine.ops.reference`.
 
+Argument errors raise ``ValueError`` naming the op and the argument, here and in the
+kernels alike (not ``did_engine.errors.UserError``: inside the package a bad op argument is
+a bug of ours, and keeps its traceback).
+
 Layouts follow FlashAttention: ``[batch, seq, heads, head_dim]`` with the last dim
 contiguous (other strides are accepted).
 """
@@ -19,7 +23,6 @@ import operator
 import torch
 
 from did_engine import _C  # noqa: F401  (loads the library that registers the ops)
-from did_engine.errors import UserError
 from did_engine.ops import reference
 
 __all__ = [
@@ -38,13 +41,13 @@ def _exact_int(op: str, name: str, value) -> int:
     integer, integral 0-d tensor); floats such as 2.5 or 2.0, bools and other types are
     refused, never truncated."""
     if isinstance(value, bool) or type(value).__name__ == "bool_" or (torch.is_tensor(value) and value.dtype == torch.bool):
-        raise UserError(f"{op}: {name} must be an int, got the bool {value!r}")
+        raise ValueError(f"{op}: {name} must be an int, got the bool {value!r}")
     try:
         value = operator.index(value)
     except TypeError:
-        raise UserError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}") from None
+        raise ValueError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}") from None
     if not -(2**63) <= value < 2**63:
-        raise UserError(f"{op}: {name} = {value} does not fit in int64")
+        raise ValueError(f"{op}: {name} = {value} does not fit in int64")
     return value
 
 
@@ -151,14 +154,14 @@ def snapshot_remask(tokens, confidence, num_remask, eligible, mask_id: int, rese
     device = tokens.device if torch.is_tensor(tokens) else None
     mask_id = _exact_int(op, "mask_id", mask_id)
     if isinstance(reset_value, bool) or not isinstance(reset_value, numbers.Real):
-        raise UserError(f"{op}: reset_value must be a float, got {type(reset_value).__name__} {reset_value!r}")
+        raise ValueError(f"{op}: reset_value must be a float, got {type(reset_value).__name__} {reset_value!r}")
     if max_k is not None:
         max_k = _exact_int(op, "max_k", max_k)
     if torch.is_tensor(num_remask):
         if num_remask.dtype.is_floating_point or num_remask.dtype.is_complex or num_remask.dtype == torch.bool:
-            raise UserError(f"{op}: num_remask must be an int or an int tensor [B], got a {num_remask.dtype} tensor")
+            raise ValueError(f"{op}: num_remask must be an int or an int tensor [B], got a {num_remask.dtype} tensor")
         if device is not None and num_remask.device != device:
-            raise UserError(f"{op}: num_remask is on {num_remask.device} but tokens is on {device}; "
+            raise ValueError(f"{op}: num_remask is on {num_remask.device} but tokens is on {device}; "
                             "all arguments must be on one device")
         if max_k is None:
             max_k = int(num_remask.max()) if num_remask.numel() else 0
@@ -168,14 +171,14 @@ def snapshot_remask(tokens, confidence, num_remask, eligible, mask_id: int, rese
     else:
         num_remask = _exact_int(op, "num_remask", num_remask)
         if num_remask < 0:
-            raise UserError(f"{op}: num_remask must be >= 0, got {num_remask}")
+            raise ValueError(f"{op}: num_remask must be >= 0, got {num_remask}")
         derived = "num_remask" if max_k is None else None
         if max_k is None:
             max_k = num_remask
         num_remask = torch.full((B,), num_remask, dtype=torch.int64, device=device)
     # max_k taken from num_remask: a count above the row length is num_remask's mistake.
     if derived is not None and S is not None and max_k > S:
-        raise UserError(f"{op}: {derived} = {max_k} exceeds the row length S={S} (at most S positions can be remasked)")
+        raise ValueError(f"{op}: {derived} = {max_k} exceeds the row length S={S} (at most S positions can be remasked)")
     return _ops.snapshot_remask.default(tokens, confidence, num_remask, eligible, mask_id, float(reset_value), max_k)
 
 
