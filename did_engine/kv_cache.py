@@ -78,6 +78,11 @@ class BlockKVCache:
         self._layer_lengths.fill_(length)
         self._length_bound = length
 
+    @property
+    def known_empty(self) -> bool:
+        """True when every row is known to be empty without reading the device."""
+        return self._length_bound == 0
+
     def copy_(self, other: "BlockKVCache") -> "BlockKVCache":
         """Make this cache hold what ``other`` holds (same shapes), in place."""
         if self.k.shape != other.k.shape:

@@ -784,9 +784,10 @@ class _CachedBlocks:
         counter.setdefault("commit", 0)
 
     def prefill(self, tokens, block_size):
-        """Commit whole prompt blocks (block-causal prefill, one forward per block)."""
-        self.model.commit(tokens, self.cache, block_size=block_size)
-        self.counter["commit"] += tokens.shape[1] // block_size
+        """Commit whole prompt blocks (block-causal prefill; did_engine's models run it as one
+        forward into an empty cache and say how many forwards they ran)."""
+        forwards = self.model.commit(tokens, self.cache, block_size=block_size)
+        self.counter["commit"] += forwards if isinstance(forwards, int) else tokens.shape[1] // block_size
 
     def commit(self, block):
         if not self.fused:

@@ -42,8 +42,9 @@ class RowByRow(torch.nn.Module):
                                                                           logit_positions=lp), logit_positions)
 
     def commit(self, block, cache, block_size=None):
-        for b in range(block.shape[0]):
-            self.inner.commit(self._row(block, b), cache[b], block_size=block_size)
+        forwards = [self.inner.commit(self._row(block, b), cache[b], block_size=block_size)
+                    for b in range(block.shape[0])]
+        return forwards[0]  # every row runs the same number
 
     def commit_and_decode(self, clean, block, cache, logit_positions=None):
         return self._rows(block.shape[0], lambda b, lp: self.inner.commit_and_decode(

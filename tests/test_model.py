@@ -136,6 +136,38 @@ def test_prompt_commit_is_the_block_causal_prefill():
     torch.testing.assert_close(decoded, causal, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("P,block", [(16, 4), (18, 4), (15, 5), (20, 1)])
+def test_prompt_prefill_in_one_forward_equals_block_by_block_commits(P, block):
+    """One block-causal forward into an empty cache == committing the prompt block by block
+    (the same attention, other kernels: equal up to float32 rounding), including a short last
+    block; a non-empty cache is filled block by block. The return value counts forwards."""
+    model = random_model(time_conditioning=True)
+    tokens = torch.randint(0, 36, (3, 24))
+    sigma = torch.rand(3)
+    with torch.no_grad():
+        one, blocks = model.new_kv_cache(3, max_len=24), model.new_kv_cache(3, max_len=24)
+        assert model.commit(tokens[:, :P], one, sigma=sigma, block_size=block) == 1
+        model.prefill_in_one_pass = False  # an instance attribute over the class's
+        assert model.commit(tokens[:, :P], blocks, sigma=sigma, block_size=block) == -(-P // block)
+        assert torch.equal(one.lengths, blocks.lengths) and torch.equal(one.offset, blocks.offset)
+        for got, want in ((one.k[:, :, :P], blocks.k[:, :, :P]), (one.v[:, :, :P], blocks.v[:, :, :P])):
+            torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+        rest = tokens[:, P : P + 4]
+        torch.testing.assert_close(model.decode(rest, one, sigma=sigma), model.decode(rest, blocks, sigma=sigma),
+                                   atol=2e-5, rtol=1e-5)
+        del model.prefill_in_one_pass
+        # Into a non-empty cache: block by block, as many forwards as blocks.
+        assert model.commit(tokens[:, P : P + 2 * block], one, sigma=sigma, block_size=block) == 2
+
+
+def test_a_long_prompt_is_prefilled_in_one_forward_by_the_sampler():
+    from did_engine.sampler import generate
+
+    model = random_model()
+    result = generate(model, 2, prompt=torch.randint(0, 36, (14,)), length=24, block_size=4, stages=[])
+    assert result.nfe["draft"]["commit"] == 1  # 3 whole prompt blocks, one forward
+
+
 def test_decode_does_not_change_the_cache():
     model = random_model()
     cache = model.new_kv_cache(2)
