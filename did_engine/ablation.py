@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
+from did_engine._plotting import pyplot
 from did_engine.cli import HelpFormatter, finite_float
 from did_engine.evaluate import (EvalConfig, write_outputs, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
                                  build_report, describe_sampler, evaluate_model, load_judge_from_args,
@@ -227,12 +228,12 @@ def _label_log_axis(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def plot_pareto(report: dict, path: str) -> str:
-    """Gen PPL (mean of per-sample) against NFE and against seconds per sample, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_pareto(report: dict, path: str) -> str | None:
+    """Gen PPL (mean of per-sample) against NFE and against seconds per sample, one PNG
+    (None without matplotlib)."""
+    plt = pyplot("pareto.png")
+    if plt is None:
+        return None
 
     uniq = {}
     for r in report["points"]:
@@ -335,9 +336,9 @@ def cmd_ablate(args) -> int:
     report = build_ablation_report(args.model, model, judge, cfg, eval_config, rows, distinct)
     markdown = ablation_markdown(report)
     write_outputs(report, markdown, args.out, "ablation")
-    plot_pareto(report, os.path.join(args.out, "pareto.png"))
+    plotted = plot_pareto(report, os.path.join(args.out, "pareto.png"))
     print(markdown, end="")
-    print(f"wrote {args.out}/ablation.json, ablation.md, pareto.png", file=sys.stderr)
+    print(f"wrote {args.out}/ablation.json, ablation.md{', pareto.png' if plotted else ''}", file=sys.stderr)
     return 0
 
 

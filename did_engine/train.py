@@ -50,6 +50,7 @@ from safetensors.torch import save_file
 from did_engine.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_safetensors, read_json_file
 from did_engine.cli import HelpFormatter
 from did_engine.diffusion import SCHEDULES, draw_block_noise, get_schedule, nelbo_terms
+from did_engine._plotting import pyplot
 from did_engine.errors import UserError
 from did_engine.model import PRESETS, BlockDiffusionLM
 
@@ -956,10 +957,9 @@ class Trainer:
     def plot(self) -> str | None:
         if not self.dist.main or not os.path.isfile(self.metrics_path):
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot("loss.png")
+        if plt is None:
+            return None
 
         with open(self.metrics_path) as f:
             records = [json.loads(line) for line in f if line.strip()]

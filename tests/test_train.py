@@ -616,3 +616,12 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
     # Adam divides by sqrt(v): rounding in near-zero gradients moves weights by ~1e-5 after
     # 3 steps of lr 3e-3 (updates of up to 9e-3).
     assert max((w0[k] - w1[k]).abs().max().item() for k in w0) < 2e-4
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    """matplotlib is an optional extra: training still finishes, and says what it skipped."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    data = make_dataset(tmp_path / "d")
+    res = _run(tmp_path, "run", "--max-steps", "2", "--batch-size", "4", "--save-every", "2", data=data)
+    assert os.path.isdir(res["final"]) and not (tmp_path / "run" / "loss.png").exists()
+    assert "matplotlib is not installed, so loss.png is not drawn" in capsys.readouterr().err
