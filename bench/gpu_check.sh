@@ -109,7 +109,7 @@ else
     export TORCH_CUDA_ARCH_LIST=9.0 DID_ENGINE_CUDA=1 MAX_JOBS=\$(nproc)
     $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
       || { echo 'pip failed; building in place with setup.py'; $PY setup.py build_ext --inplace; }
-    cat did_engine/_build_config.json
+    $PY -c 'import did_engine, json; print(json.dumps(did_engine.build_info(), indent=1))'
     $PY -c 'import torch, did_engine
 missing = [op for op in (\"block_decode_attention\", \"kv_commit\", \"block_causal_attention\", \"snapshot_remask\")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(\"did_engine::\" + op, \"CUDA\")]

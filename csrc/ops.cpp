@@ -1,32 +1,19 @@
-// The did_engine op registry: every schema lives here, once. Kernels register their
-// implementations per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+// The did_engine op registry: every schema lives here, once.
+//
+// Registration rule (the same for every backend): each backend directory has one
+// registration file beside its kernels that implements every op for its dispatch key:
+//   csrc/cpu/ops_cpu.cpp    TORCH_LIBRARY_IMPL(did_engine, CPU, m)   kernels: csrc/cpu/<op>.cpp
+//   csrc/cuda/ops_cuda.cu   TORCH_LIBRARY_IMPL(did_engine, CUDA, m)  kernels: csrc/cuda/<op>.cu
+// Adding an op: its schema here, its kernel file and one m.impl line per backend.
 //
 // Python wrappers, fake (meta) kernels and pure-PyTorch references are in
-// did_engine/ops/. Tensor layouts follow FlashAttention: [batch, seq, heads, head_dim].
+// did_engine/ops/. The Python module did_engine._C (csrc/python_module.cpp, pybind11)
+// only reports build facts; the ops are reached through torch.ops.did_engine. Tensor
+// layouts follow FlashAttention: [batch, seq, heads, head_dim].
 
 #include <torch/library.h>
 
-#include <ATen/Parallel.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace did_engine {
-
-// [openmp compiled in (0/1), omp max threads, at::get_num_threads(), cuda compiled in (0/1)]
-static std::vector<int64_t> build_flags() {
-  std::vector<int64_t> flags(4, 0);
-#ifdef _OPENMP
-  flags[0] = 1;
-  flags[1] = omp_get_max_threads();
-#endif
-  flags[2] = at::get_num_threads();
-#ifdef DID_ENGINE_WITH_CUDA
-  flags[3] = 1;
-#endif
-  return flags;
-}
 
 TORCH_LIBRARY(did_engine, m) {
   // Sampling hot path: the active block's queries attend to cache[:cache_lens[b]] followed
@@ -45,8 +32,6 @@ TORCH_LIBRARY(did_engine, m) {
   m.def(
       "snapshot_remask(Tensor(a!) tokens, Tensor(b!) confidence, Tensor num_remask, Tensor eligible, "
       "int mask_id, float reset_value, int max_k) -> Tensor");
-  // What this library was compiled with (no tensor arguments, so one catch-all kernel).
-  m.def("_build_flags() -> int[]", &build_flags);
 }
 
 }  // namespace did_engine

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
+
+from did_engine import _C
 
 _OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
 
@@ -17,34 +16,33 @@ def _kernels_for(dispatch_key: str) -> list[str]:
 def build_info() -> dict:
     """Report how ``did_engine._C`` was built and what it registered.
 
-    Keys: ``version``, ``cpu`` / ``cuda`` (whether kernels for that device were compiled),
-    ``cpu_capability`` (AVX2 or DEFAULT vector code), ``cuda_arch_list``, ``cuda_version``,
-    ``torch_version`` (running) and ``torch_version_at_build``, ``openmp`` (compiled with
-    OpenMP), ``omp_max_threads`` and ``num_threads`` (ATen's intra-op threads now),
-    ``cpu_ops`` / ``cuda_ops`` (ops with a kernel for that device), ``debug``.
+    Build facts, compiled into ``did_engine._C``: ``cpu_capability`` (AVX2 or DEFAULT vector
+    code), ``cuda`` (CUDA kernels compiled in), ``cuda_arch_list``, ``cuda_version``,
+    ``openmp`` (compiled with OpenMP), ``compiler``, ``cxx_flags``, ``nvcc_flags``,
+    ``debug``, ``torch_version_at_build``. Now: ``version``, ``torch_version`` (running),
+    ``omp_max_threads`` and ``num_threads`` (ATen's intra-op threads), ``cpu`` and
+    ``cpu_ops`` / ``cuda_ops`` (ops with a kernel registered for that device).
     """
     from did_engine import __version__
 
-    path = os.path.join(os.path.dirname(__file__), "_build_config.json")
-    config = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            config = json.load(f)
-    openmp, omp_threads, num_threads, cuda_compiled = torch.ops.did_engine._build_flags()
+    facts = _C.build_facts()
     cpu_ops, cuda_ops = _kernels_for("CPU"), _kernels_for("CUDA")
     return {
         "version": __version__,
         "cpu": bool(cpu_ops),
-        "cuda": bool(cuda_compiled),
-        "cpu_capability": config.get("cpu_capability"),
-        "cuda_arch_list": config.get("cuda_arch_list"),
-        "cuda_version": config.get("cuda_version"),
+        "cuda": facts["cuda"],
+        "cpu_capability": facts["cpu_capability"],
+        "cuda_arch_list": facts["cuda_arch_list"],
+        "cuda_version": facts["cuda_version"],
         "torch_version": torch.__version__,
-        "torch_version_at_build": config.get("torch_version_at_build"),
-        "openmp": bool(openmp),
-        "omp_max_threads": omp_threads,
-        "num_threads": num_threads,
+        "torch_version_at_build": facts["torch_version_at_build"],
+        "openmp": facts["openmp"],
+        "omp_max_threads": _C.omp_max_threads(),
+        "num_threads": torch.get_num_threads(),
         "cpu_ops": cpu_ops,
         "cuda_ops": cuda_ops,
-        "debug": config.get("debug"),
+        "debug": facts["debug"],
+        "compiler": facts["compiler"],
+        "cxx_flags": facts["cxx_flags"],
+        "nvcc_flags": facts["nvcc_flags"],
     }

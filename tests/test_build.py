@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,39 @@ def test_build_info_reports_cpu_kernels_and_openmp():
         assert info["cuda"] is False and info["cuda_ops"] == []
     if info["cuda"]:
         assert sorted(info["cuda_ops"]) == sorted(OPS) and info["cuda_arch_list"]
+
+
+def test_c_module_is_pybind11_and_reports_the_build_the_kernels_got():
+    """_C is a pybind11 module whose facts agree with what the dispatcher and torch see."""
+    from did_engine import _C
+
+    facts = _C.build_facts()
+    assert _C.build_facts.__doc__.startswith("build_facts() -> dict")  # pybind11's signature line
+    # The CPU_CAPABILITY macro _C was compiled with is the one in the flags setup.py recorded.
+    assert f"-DCPU_CAPABILITY={facts['cpu_capability']}" in facts["cxx_flags"]
+    assert facts["cuda"] == any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", "CUDA") for op in OPS)
+    assert _C.omp_max_threads() >= 1
+
+
+def test_each_backend_registers_every_op_in_one_file_beside_its_kernels():
+    """csrc/ops.cpp holds the schemas; csrc/<backend>/ops_<backend> the TORCH_LIBRARY_IMPL."""
+    csrc = os.path.join(ROOT, "csrc")
+    registrations, schema_files = {}, []
+    for directory, _, files in os.walk(csrc):
+        for name in files:
+            path = os.path.join(directory, name)
+            text = open(path).read()
+            for key in re.findall(r"^TORCH_LIBRARY_IMPL\(did_engine, (\w+), m\)", text, flags=re.M):
+                registrations.setdefault(key, []).append(os.path.relpath(path, csrc))
+            if re.search(r"^TORCH_LIBRARY\(did_engine, m\)", text, flags=re.M):
+                schema_files.append(os.path.relpath(path, csrc))
+    assert schema_files == ["ops.cpp"]
+    assert registrations == {"CPU": ["cpu/ops_cpu.cpp"], "CUDA": ["cuda/ops_cuda.cu"]}
+    for key, (path,) in registrations.items():
+        text = open(os.path.join(csrc, path)).read()
+        for op in OPS:
+            assert f'm.impl("{op}"' in text, f"{path} registers no {key} kernel for {op}"
 
 
 def test_every_op_has_a_schema_that_declares_mutation():

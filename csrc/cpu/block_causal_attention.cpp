@@ -11,13 +11,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <utility>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/ops_cpu.h"
 #include "cpu/attention_tile.h"
 
 namespace did_engine {
@@ -103,6 +103,8 @@ void causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       });
 }
 
+}  // namespace
+
 at::Tensor block_causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                       int64_t block_size, std::optional<double> scale) {
   constexpr const char* op = "block_causal_attention";
@@ -135,9 +137,5 @@ at::Tensor block_causal_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   }
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(did_engine, CPU, m) { m.impl("block_causal_attention", &block_causal_attention_cpu); }
 
 }  // namespace did_engine

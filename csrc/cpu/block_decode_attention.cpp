@@ -15,12 +15,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/ops_cpu.h"
 #include "cpu/attention_tile.h"
 
 namespace did_engine {
@@ -195,6 +195,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
 }
 
+}  // namespace
+
 at::Tensor block_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache_in,
                                       const at::Tensor& v_cache_in, const at::Tensor& k_block_in,
                                       const at::Tensor& v_block_in, const at::Tensor& cache_lens,
@@ -237,9 +239,5 @@ at::Tensor block_decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
   }
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(did_engine, CPU, m) { m.impl("block_decode_attention", &block_decode_attention_cpu); }
 
 }  // namespace did_engine

@@ -5,11 +5,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cstring>
 
 #include "checks.h"
+#include "cpu/ops_cpu.h"
 
 namespace did_engine {
 
@@ -54,7 +54,5 @@ void kv_commit_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
   }
   for (int64_t b = 0; b < B; ++b) lens[b] += static_cast<int32_t>(n);
 }
-
-TORCH_LIBRARY_IMPL(did_engine, CPU, m) { m.impl("kv_commit", &kv_commit_cpu); }
 
 }  // namespace did_engine

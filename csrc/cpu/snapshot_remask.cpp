@@ -22,7 +22,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -36,6 +35,7 @@
 #endif
 
 #include "checks.h"
+#include "cpu/ops_cpu.h"
 
 namespace did_engine {
 namespace {
@@ -325,7 +325,5 @@ at::Tensor snapshot_remask_cpu(at::Tensor& tokens, at::Tensor& confidence, const
   });
   return out;
 }
-
-TORCH_LIBRARY_IMPL(did_engine, CPU, m) { m.impl("snapshot_remask", &snapshot_remask_cpu); }
 
 }  // namespace did_engine
