@@ -406,7 +406,7 @@ def main(argv=None) -> int:
     except ImportError as exc:
         sys.exit(f"bench_cuda.py: did_engine is not built here ({exc}); "
                  "run `pip install --no-build-isolation -e .` on this machine first.")
-    missing = [op for op in ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
+    missing = [op for op in did_engine.ops.OPS
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", "CUDA")]
     if missing:
         sys.exit(f"bench_cuda.py: did_engine was built without CUDA kernels for {missing}; rebuild with "

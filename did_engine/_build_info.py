@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from did_engine import _C
-
-_OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
+from did_engine.ops import OPS
 
 
 def _kernels_for(dispatch_key: str) -> list[str]:
-    return [op for op in _OPS if torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", dispatch_key)]
+    return [op for op in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", dispatch_key)]
 
 
 def build_info() -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -35,6 +34,7 @@ import sys
 import time
 import traceback
 
+# did_engine.ops.OPS, restated: the parent process never imports torch (its workers do).
 OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
 ARG_NAMES = {
     "block_decode_attention": ("q", "k_cache", "v_cache", "k_block", "v_block", "cache_lens", "scale"),
@@ -159,7 +159,6 @@ def build_call(spec):
     import torch
 
     from did_engine import ops
-    from did_engine.ops import reference as ref
 
     gen = torch.Generator().manual_seed(spec["seed"])
     op = spec["op"]

@@ -14,7 +14,7 @@ import torch
 import did_engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ["block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask"]
+from did_engine.ops import OPS  # noqa: E402
 
 
 def test_build_info_reports_cpu_kernels_and_openmp():

@@ -24,7 +24,7 @@ import torch.utils.cpp_extension as cpp_extension
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
+from did_engine.ops import OPS  # noqa: E402
 
 # setup.py's extra_compile_args["nvcc"] (release build); keep the two in sync.
 SETUP_NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo"]

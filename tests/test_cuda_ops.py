@@ -45,7 +45,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the build
     pytest.skip(f"did_engine is not built: {exc}", allow_module_level=True)
 
-OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
+from did_engine.ops import OPS  # noqa: E402
 _missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", "CUDA")]
 if ON_CUDA and _missing:
     pytest.skip(

@@ -115,7 +115,7 @@ def test_kv_commit_rows():
             assert torch.equal(alone[i], full[i][b : b + 1]), (b, i)
 
 
-@pytest.mark.parametrize("name", ["block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask"])
+@pytest.mark.parametrize("name", ops.OPS)
 def test_docstrings_state_the_guarantee(name):
     doc = " ".join(getattr(ops, name).__doc__.split())
     assert "does not depend on the other rows of the batch or on the thread count" in doc

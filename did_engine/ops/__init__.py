@@ -25,13 +25,10 @@ import torch
 from did_engine import _C  # noqa: F401  (loads the library that registers the ops)
 from did_engine.ops import reference
 
-__all__ = [
-    "block_decode_attention",
-    "kv_commit",
-    "block_causal_attention",
-    "snapshot_remask",
-    "reference",
-]
+# The op list, written once: tests, build_info() and benchmarks iterate over it.
+OPS = ("block_decode_attention", "kv_commit", "block_causal_attention", "snapshot_remask")
+
+__all__ = [*OPS, "OPS", "reference"]
 
 _ops = torch.ops.did_engine
 
