@@ -18,7 +18,6 @@ Random weights; float32 (bf16 matmuls are slow on CPUs without bf16 instructions
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import machine_description, timeit  # noqa: E402
+from bench_ops import save_results, timeit  # noqa: E402
 
 from did_engine.model import BlockDiffusionLM, apply_rotary, modulate  # noqa: E402
 
@@ -111,14 +110,9 @@ def main(argv=None) -> int:
                 lines.append(line)
                 print(line, flush=True)
     if args.save:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"model_decode_cpu_{datetime.date.today().isoformat()}.md")
-        with open(path, "w") as f:
-            f.write(f"# One decode step, {args.preset} preset, block {n}, float32\n\n" + machine_description()
-                    + f"- command: `python bench/bench_model_decode.py {' '.join(argv or sys.argv[1:])}`\n\n"
-                    + "Speed-up = BD3-LM pattern time / our time. Tokens/s counts the block's n tokens per step.\n\n"
-                    + "\n".join(lines) + "\n")
-        print(f"saved {path}")
+        save_results("model_decode_cpu", f"One decode step, {args.preset} preset, block {n}, float32",
+                     "bench_model_decode.py", argv, "\n".join(lines),
+                     "\nSpeed-up = BD3-LM pattern time / our time. Tokens/s counts the block's n tokens per step.\n")
     return 0
 
 

@@ -183,6 +183,19 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def save_results(stem: str, title: str, script: str, argv, table: str, notes: str = "") -> str:
+    """Write bench/results/<stem>_<date>.md: the title, the machine, the command line that
+    made it, ``notes`` (markdown lines) and the table; returns the path."""
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        f"{stem}_{datetime.date.today().isoformat()}.md")
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\n" + machine_description() + f"- command: `python bench/{script} {args}`\n"
+                + notes + "\n" + table.rstrip("\n") + "\n")
+    print(f"saved {path}")
+    return path
+
+
 def machine_description() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:

@@ -16,14 +16,13 @@ Random weights; float32.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import machine_description, timeit  # noqa: E402
+from bench_ops import save_results, timeit  # noqa: E402
 
 from did_engine.model import BlockDiffusionLM  # noqa: E402
 
@@ -65,14 +64,9 @@ def main(argv=None) -> int:
                 print(line, flush=True)
     del model.prefill_in_one_pass
     if args.save:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"prefill_cpu_{datetime.date.today().isoformat()}.md")
-        with open(path, "w") as f:
-            f.write(f"# Prompt prefill, {args.preset} preset, block {args.block}, float32\n\n" + machine_description()
-                    + f"- command: `python bench/bench_prefill.py {' '.join(argv or sys.argv[1:])}`\n\n"
-                    + "Speed-up = per-block time / one-forward time (same weights, same run).\n\n"
-                    + "\n".join(lines) + "\n")
-        print(f"saved {path}")
+        save_results("prefill_cpu", f"Prompt prefill, {args.preset} preset, block {args.block}, float32",
+                     "bench_prefill.py", argv, "\n".join(lines),
+                     "\nSpeed-up = per-block time / one-forward time (same weights, same run).\n")
     return 0
 
 

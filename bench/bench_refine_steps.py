@@ -18,7 +18,6 @@ calls, so the step count is the knob that sets refine / draft.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from did_engine.evaluate import Judge, gen_ppl_summary, sample_seed, unigram_ent
 from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import machine_description  # noqa: E402
+from bench_ops import save_results  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -101,16 +100,12 @@ def main(argv=None) -> int:
     print("\n" + table)
     if args.save:
         name = os.path.basename(os.path.normpath(args.model))
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"refine_steps_{name}_{datetime.date.today().isoformat()}.md")
-        with open(path, "w") as f:
-            f.write(f"# Refine step count: quality against time ({args.model} model)\n\n" + machine_description()
-                    + f"- command: `python bench/bench_refine_steps.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
-                    + f"- {args.samples} samples (seed {args.seed}), length {length}, one batch; drafts: block 4, "
-                    f"first-hitting, nucleus 0.9, BOS first, {draft_s:.1f} s; judge {args.judge}; snapshot "
-                    "remasking, global refine, confidence order; every row refines the same drafts from the "
-                    "same generator state\n\n" + table + "\n")
-        print(f"saved {path}")
+        save_results(f"refine_steps_{name}", f"Refine step count: quality against time ({args.model} model)",
+                     "bench_refine_steps.py", argv, table,
+                     f"- {args.samples} samples (seed {args.seed}), length {length}, one batch; drafts: block 4, "
+                     f"first-hitting, nucleus 0.9, BOS first, {draft_s:.1f} s; judge {args.judge}; snapshot "
+                     "remasking, global refine, confidence order; every row refines the same drafts from the "
+                     "same generator state\n")
     return 0
 
 

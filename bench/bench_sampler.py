@@ -28,7 +28,6 @@ first-hitting draft cannot beat (read bandwidth / weight bytes) tokens/s.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model_decode import BD3LMStyleCache, bd3lm_style_decode  # noqa: E402
-from bench_ops import machine_description, measure_bandwidth  # noqa: E402
+from bench_ops import measure_bandwidth, save_results  # noqa: E402
 
 from did_engine.model import BlockDiffusionLM  # noqa: E402
 from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, _CachedBlocks, _TokenDrawer  # noqa: E402
@@ -261,19 +260,14 @@ def main(argv=None) -> int:
         print(f"batch-1 baselines (draft only, tokens/s): " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items()))
     print(table)
     if args.save:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"sampler_cpu_{datetime.date.today().isoformat()}.md")
-        with open(path, "w") as f:
-            f.write(f"# Sampler throughput, {args.preset} preset (random weights), L={args.length}, draft block "
-                    f"{args.block_size} first-hitting + global refine ratio {args.ratio}, {args.steps} steps, "
-                    f"mode {args.mode}\n\n" + machine_description()
-                    + f"- command: `python bench/bench_sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
-                    + f"- weight-read floor at batch 1: one {args.block_size}-token forward (empty cache) takes "
-                    f"{floor_s * 1e3:.1f} ms -> {floor_tps:.2f} tokens/s at one token per step; it reads "
-                    f"{weight_bytes(model) / 1e6:.0f} MB of weights (measured read bandwidth {read_gbps:.1f} GB/s)\n"
-                    + "- batch-1 baselines (draft only, tokens/s): "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items()) + "\n\n" + table + "\n")
-        print(f"saved {path}")
+        save_results("sampler_cpu", f"Sampler throughput, {args.preset} preset (random weights), L={args.length}, "
+                     f"draft block {args.block_size} first-hitting + global refine ratio {args.ratio}, {args.steps} "
+                     f"steps, mode {args.mode}", "bench_sampler.py", argv, table,
+                     f"- weight-read floor at batch 1: one {args.block_size}-token forward (empty cache) takes "
+                     f"{floor_s * 1e3:.1f} ms -> {floor_tps:.2f} tokens/s at one token per step; it reads "
+                     f"{weight_bytes(model) / 1e6:.0f} MB of weights (measured read bandwidth {read_gbps:.1f} GB/s)\n"
+                     + "- batch-1 baselines (draft only, tokens/s): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items()) + "\n")
     return 0
 
 
