@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import save_results, timeit  # noqa: E402
+from bench_ops import ours_vs_baseline_row, save_results  # noqa: E402
 
 from did_engine.model import BlockDiffusionLM, apply_rotary, modulate  # noqa: E402
 
@@ -103,10 +103,8 @@ def main(argv=None) -> int:
                 bd3_cache = BD3LMStyleCache(model, context)
                 ours_logits = model.decode(block, cache)
                 diff = (ours_logits - bd3lm_style_decode(model, block, bd3_cache)).abs().max().item()
-                ours = timeit(lambda: model.decode(block, cache), min_reps=3)
-                base = timeit(lambda: bd3lm_style_decode(model, block, bd3_cache), min_reps=3)
-                line = (f"| {B} | {S} | {ours * 1e3:.1f} | {base * 1e3:.1f} | {base / ours:.2f}x | "
-                        f"{B * n / ours:.0f} | {diff:.1e} |")
+                line = ours_vs_baseline_row((B, S), lambda: model.decode(block, cache),
+                                            lambda: bd3lm_style_decode(model, block, bd3_cache), B * n, diff)
                 lines.append(line)
                 print(line, flush=True)
     if args.save:

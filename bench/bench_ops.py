@@ -183,6 +183,14 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def ours_vs_baseline_row(cells, ours_fn, base_fn, tokens: int, diff: float) -> str:
+    """Time ours and the baseline (same run) -> a markdown row: the leading cells, ours ms,
+    baseline ms, speed-up, our tokens/s (``tokens`` per call) and the max abs difference."""
+    ours, base = timeit(ours_fn, min_reps=3), timeit(base_fn, min_reps=3)
+    return (f"| {' | '.join(map(str, cells))} | {ours * 1e3:.1f} | {base * 1e3:.1f} | {base / ours:.2f}x | "
+            f"{tokens / ours:.0f} | {diff:.1e} |")
+
+
 def save_results(stem: str, title: str, script: str, argv, table: str, notes: str = "") -> str:
     """Write bench/results/<stem>_<date>.md: the title, the machine, the command line that
     made it, ``notes`` (markdown lines) and the table; returns the path."""

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import save_results, timeit  # noqa: E402
+from bench_ops import ours_vs_baseline_row, save_results  # noqa: E402
 
 from did_engine.model import BlockDiffusionLM  # noqa: E402
 
@@ -56,10 +56,8 @@ def main(argv=None) -> int:
             for P in prompts:
                 tokens = torch.randint(0, model.config.vocab_size - 1, (B, P), generator=torch.Generator().manual_seed(P))
                 diff = (prefill(tokens, True).k - prefill(tokens, False).k).abs().max().item()
-                ours = timeit(lambda: prefill(tokens, True), min_reps=3)
-                base = timeit(lambda: prefill(tokens, False), min_reps=3)
-                line = (f"| {B} | {P} | {ours * 1e3:.1f} | {base * 1e3:.1f} | {base / ours:.2f}x | "
-                        f"{B * P / ours:.0f} | {diff:.1e} |")
+                line = ours_vs_baseline_row((B, P), lambda: prefill(tokens, True), lambda: prefill(tokens, False),
+                                            B * P, diff)
                 lines.append(line)
                 print(line, flush=True)
     del model.prefill_in_one_pass
