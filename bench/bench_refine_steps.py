@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from did_engine.ablation import _parse_list
+from did_engine.evaluation.ablation import _parse_list
 from did_engine.cli import _load_model, start_ids
-from did_engine.evaluate import Judge, gen_ppl_summary, sample_seed, unigram_entropy
-from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig
+from did_engine.evaluation.evaluate import Judge, gen_ppl_summary, sample_seed, unigram_entropy
+from did_engine.sampling.sampler import DiDSampler, RefineStage, SamplerConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import save_results  # noqa: E402

@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model_decode import BD3LMStyleCache, bd3lm_style_decode  # noqa: E402
 from bench_ops import measure_bandwidth, save_results  # noqa: E402
 
-from did_engine.model import BlockDiffusionLM  # noqa: E402
-from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, _CachedBlocks, _TokenDrawer  # noqa: E402
+from did_engine.modeling.dit import BlockDiffusionLM  # noqa: E402
+from did_engine.sampling.sampler import DiDSampler, RefineStage, SamplerConfig, _CachedBlocks, _TokenDrawer  # noqa: E402
 
 
 def once(fn, reps: int = 2) -> float:

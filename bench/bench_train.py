@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import machine_description, timeit  # noqa: E402
 
 from did_engine.diffusion import LogLinearSchedule, subs_log_probs  # noqa: E402
-from did_engine.model import BlockDiffusionLM, _sdpa, apply_rotary, block_diffusion_mask  # noqa: E402
-from did_engine.train import MixScaleLoss, TrainConfig, draw_batch_noise  # noqa: E402
+from did_engine.modeling.dit import BlockDiffusionLM, _sdpa, apply_rotary, block_diffusion_mask  # noqa: E402
+from did_engine.training.trainer import MixScaleLoss, TrainConfig, draw_batch_noise  # noqa: E402
 
 
 def dense_loss(model: BlockDiffusionLM, x0, masked, t, sizes):

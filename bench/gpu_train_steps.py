@@ -4,7 +4,7 @@
     python bench/gpu_train_steps.py --device cpu --preset tiny --seq-len 32 --batch 4
 
 Both paths start from the same weights and see the same batches (mix-scale rows: all at
-block 4 but the last, at L; the loss of did_engine.train.MixScaleLoss, AdamW). Checked: the first
+block 4 but the last, at L; the loss of did_engine.training.trainer.MixScaleLoss, AdamW). Checked: the first
 step's losses agree (bf16 tolerance), every loss is finite, the flex path is labelled
 "flex-compiled" (an eager fallback would warn and say "flex-eager"). Also timed: the
 attention alone, forward + backward, [B, 12 heads, 2L, 64] bf16, FlexAttention with the
@@ -29,7 +29,7 @@ from gpu_generate import finish, parse_and_open, sync  # noqa: E402
 
 
 def attention_only(device, B: int, L: int, block_size: int, reps: int) -> list:
-    from did_engine.model import _FLEX_TRAINING_ATTENTION, _sdpa, block_diffusion_mask
+    from did_engine.modeling.dit import _FLEX_TRAINING_ATTENTION, _sdpa, block_diffusion_mask
 
     H, D = 12, 64
     q, k, v = (torch.randn(B, 2 * L, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     from did_engine.diffusion import LogLinearSchedule
-    from did_engine.model import BlockDiffusionLM
-    from did_engine.train import MixScaleLoss, TrainConfig, draw_batch_noise
+    from did_engine.modeling.dit import BlockDiffusionLM
+    from did_engine.training.trainer import MixScaleLoss, TrainConfig, draw_batch_noise
 
     L, B = args.seq_len, args.batch
     amp = torch.bfloat16 if device.type == "cuda" else None

@@ -21,9 +21,8 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 
 from did_engine import ops  # noqa: E402
 from did_engine._build_info import build_info  # noqa: E402
-from did_engine.kv_cache import BlockKVCache  # noqa: E402
-from did_engine.model import BlockDiffusionLM, ModelConfig  # noqa: E402
-from did_engine.sampler import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
+from did_engine.modeling import BlockDiffusionLM, BlockKVCache, ModelConfig  # noqa: E402
+from did_engine.sampling import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
 
 __all__ = [
     "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
@@ -33,10 +32,10 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Lazy: importing did_engine.train here would make `python -m did_engine.train` (torchrun)
+    # Lazy: importing did_engine.training.trainer here would make `python -m did_engine.training.trainer` (torchrun)
     # execute that module twice.
     if name in ("TrainConfig", "evaluate_nelbo"):
-        from did_engine import train
+        from did_engine.training import trainer
 
-        return getattr(train, name)
+        return getattr(trainer, name)
     raise AttributeError(f"module 'did_engine' has no attribute {name!r}")

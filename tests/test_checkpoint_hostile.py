@@ -85,7 +85,7 @@ def edit_json(path, edit):
 
 def tiny_reference(root):
     """A did_engine checkpoint of a tiny model with every parameter random, at root/reference."""
-    from did_engine.model import BlockDiffusionLM, ModelConfig
+    from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig
 
     torch.manual_seed(0)
     model = BlockDiffusionLM(ModelConfig(**TINY))
@@ -416,7 +416,7 @@ def worker(manifest_path, out_dir, start):
     """Load cases[start:] one by one; one JSON line per event on stdout."""
     import signal
 
-    from did_engine.model import BlockDiffusionLM
+    from did_engine.modeling.dit import BlockDiffusionLM
 
     with open(manifest_path) as f:
         manifest = json.load(f)
@@ -592,7 +592,7 @@ def test_refusals_say_what_is_wrong(gallery):
 @pytest.mark.parametrize("path", [os.path.join(BD3LM_FIXTURE, "io.safetensors"), os.path.join(BD3LM_FIXTURE, WEIGHTS)])
 def test_load_safetensors_reads_what_the_library_reads(path):
     """Our header parser and reader against the safetensors library (int64 and float tensors)."""
-    from did_engine.checkpoint import load_safetensors
+    from did_engine.modeling.checkpoint import load_safetensors
 
     ours, theirs = load_safetensors(path), load_file(path)
     assert ours.keys() == theirs.keys() and {t.dtype for t in ours.values()} >= {torch.float32}
@@ -602,7 +602,7 @@ def test_load_safetensors_reads_what_the_library_reads(path):
 
 def test_bd3lm_scalar_buffers_stay_metadata(tmp_path):
     """The kept BD3-LM buffers are Python scalars in config.extra, so a saved copy's config stays small."""
-    from did_engine.model import BlockDiffusionLM
+    from did_engine.modeling.dit import BlockDiffusionLM
 
     model = BlockDiffusionLM.from_pretrained(BD3LM_FIXTURE)
     assert model.config.extra["sampling_eps_min"] == load_file(os.path.join(BD3LM_FIXTURE, WEIGHTS))[

@@ -102,12 +102,12 @@ def test_a_checkpoint_that_fails_to_load_is_one_line(tmp_path, capsys):
 def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
     """Only the user's mistakes become one-liners: a ValueError from inside (here planted
     in the sampler) propagates with its traceback."""
-    import did_engine.sampler
+    import did_engine.sampling.sampler
 
     def broken(*args, **kwargs):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr(did_engine.sampler, "generate", broken)
+    monkeypatch.setattr(did_engine.sampling.sampler, "generate", broken)
     with pytest.raises(ValueError, match="internal invariant"):
         main(TINY + ["--length", "8"])
 

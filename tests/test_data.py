@@ -397,7 +397,7 @@ def test_reusing_a_tokenizer_file_gives_the_same_tokens(prepared, tmp_path):
 
 
 def test_cli_prepare_and_generate_with_the_datasets_tokenizer(tmp_path, capsys):
-    from did_engine.model import BlockDiffusionLM
+    from did_engine.modeling.dit import BlockDiffusionLM
 
     out = tmp_path / "data"
     code = main(["data", "prepare", "--out", str(out), "--sources", str(_corpus_folder(tmp_path)),

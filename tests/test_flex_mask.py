@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 from did_engine.errors import UserError
-from did_engine.model import (TRAINING_ATTENTION_ENV, BlockDiffusionLM, FlexTrainingAttention,
+from did_engine.modeling.dit import (TRAINING_ATTENTION_ENV, BlockDiffusionLM, FlexTrainingAttention,
                               _compile_flex_function, block_diffusion_mask, block_diffusion_mask_mod,
                               resolve_training_attention)
 

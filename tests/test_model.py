@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from did_engine.checkpoint import CheckpointError
+from did_engine.modeling.checkpoint import CheckpointError
 from did_engine.diffusion import subs_log_probs
-from did_engine.model import BlockDiffusionLM, ModelConfig, apply_rotary, block_diffusion_mask
+from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig, apply_rotary, block_diffusion_mask
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bd3lm_tiny")
 
@@ -161,7 +161,7 @@ def test_prompt_prefill_in_one_forward_equals_block_by_block_commits(P, block):
 
 
 def test_a_long_prompt_is_prefilled_in_one_forward_by_the_sampler():
-    from did_engine.sampler import generate
+    from did_engine.sampling.sampler import generate
 
     model = random_model()
     result = generate(model, 2, prompt=torch.randint(0, 36, (14,)), length=24, block_size=4, stages=[])
@@ -316,7 +316,7 @@ def test_sliding_window_drops_whole_blocks_and_keeps_relative_positions():
 
 
 def test_a_checkpoint_path_with_a_nul_byte_is_a_checkpoint_error():
-    from did_engine.checkpoint import open_regular_file
+    from did_engine.modeling.checkpoint import open_regular_file
 
     with pytest.raises(CheckpointError):
         BlockDiffusionLM.from_pretrained("/tmp/a\x00b")
@@ -486,7 +486,7 @@ def test_config_values_are_checked_before_anything_is_allocated(bad, fragment):
 @pytest.mark.parametrize("preset", ["tiny", "mini", "small"])
 @pytest.mark.parametrize("adaln", [True, False])
 def test_weight_estimate_is_the_count_with_adaln_and_a_bound_without(preset, adaln):
-    from did_engine.model import PRESETS, estimated_weight_elements
+    from did_engine.modeling.dit import PRESETS, estimated_weight_elements
 
     config = ModelConfig(**{**PRESETS[preset], "adaln": adaln})
     with torch.device("meta"):  # counted without allocating (small has 170M weights)

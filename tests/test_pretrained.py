@@ -10,9 +10,9 @@ import torch
 from did_engine.cli import main
 from did_engine.data.format import wrap_documents
 from did_engine.data.tokenizer import Tokenizer
-from did_engine.model import BlockDiffusionLM
+from did_engine.modeling.dit import BlockDiffusionLM
 from did_engine.pretrained import embedded_model_path
-from did_engine.train import evaluate_nelbo
+from did_engine.training.trainer import evaluate_nelbo
 
 # Written for this test (not from the training corpus): plain English prose.
 PROSE = (

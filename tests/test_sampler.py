@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from did_engine.model import BlockDiffusionLM, ModelConfig
+from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig
 from did_engine.errors import UserError
-from did_engine.sampler import DiDSampler, RefineStage, SamplerConfig, generate
+from did_engine.sampling.sampler import DiDSampler, RefineStage, SamplerConfig, generate
 from rowwise import RowByRow
 
 
@@ -472,7 +472,7 @@ def _dense_nucleus(groups, shape):
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
 def test_nucleus_both_paths_keep_the_sorted_prefix(top_p):
-    from did_engine.sampler import _nucleus_groups
+    from did_engine.sampling.sampler import _nucleus_groups
     gen = torch.Generator().manual_seed(3)
     # Rows from peaked (nucleus within the first 16) to flat (nucleus past them).
     logits = torch.randn(9, 97, generator=gen, dtype=torch.float64) * torch.linspace(0.05, 8, 9, dtype=torch.float64)[:, None]
@@ -489,7 +489,7 @@ def test_nucleus_both_paths_keep_the_sorted_prefix(top_p):
 def test_nucleus_by_buckets_on_ties_zeros_and_wide_ranges():
     """The sort-free nucleus (flat rows) against sorting, where buckets are hardest: many equal
     probabilities, zeros (the SUBS mask), probabilities spanning hundreds of powers of two."""
-    from did_engine.sampler import _keep_prefix, _nucleus_by_buckets
+    from did_engine.sampling.sampler import _keep_prefix, _nucleus_by_buckets
     gen = torch.Generator().manual_seed(8)
     uniform = torch.full((1, 7), 1 / 7, dtype=torch.float64)
     kept = _nucleus_by_buckets(uniform, 0.5)
@@ -511,7 +511,7 @@ def test_nucleus_by_buckets_on_ties_zeros_and_wide_ranges():
 
 
 def test_nucleus_draw_frequencies_match_the_renormalised_nucleus():
-    from did_engine.sampler import _sample_tokens
+    from did_engine.sampling.sampler import _sample_tokens
     gen = torch.Generator().manual_seed(4)
     probs = (torch.randn(1, 40, generator=gen, dtype=torch.float64) * 1.5).softmax(-1)
     sp, order = probs.sort(-1, descending=True)
@@ -529,7 +529,7 @@ def test_nucleus_draw_frequencies_match_the_renormalised_nucleus():
 def test_token_drawer_chunks_rows_without_changing_any_draw():
     """The drawer works through the rows in chunks (bounded memory); with per-row generators a
     batch row is never split, so chunked draws equal one-pass draws exactly."""
-    from did_engine.sampler import _TokenDrawer
+    from did_engine.sampling.sampler import _TokenDrawer
     gen = torch.Generator().manual_seed(5)
     where = torch.rand(6, 11, generator=gen) < 0.6  # [B, W]: uneven positions per row
     logits = torch.randn(int(where.sum()), 23, generator=gen) * torch.rand(int(where.sum()), 1, generator=gen) * 6
@@ -599,7 +599,7 @@ def test_reused_context_rows_do_not_depend_on_the_other_rows_remask_counts():
     """Rows remask different numbers of positions (EOS stops, rounding); the shorter rows are
     padded with positions whose K/V are never written, so each row's logits equal the row's
     own, computed alone."""
-    from did_engine.sampler import _ContextReuse
+    from did_engine.sampling.sampler import _ContextReuse
     model = tiny_model()
     gen = torch.Generator().manual_seed(4)
     tokens = torch.randint(0, model.mask_id, (3, 32), generator=gen)

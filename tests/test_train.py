@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from did_engine.data.format import TokenDataset, wrap_documents, write_manifest, write_split
 from did_engine.diffusion import (LogLinearSchedule, draw_block_noise, masked_nll, nelbo_terms, sample_block_times,
                                   subs_log_probs)
-from did_engine.model import BlockDiffusionLM, ModelConfig
-from did_engine.train import (MixScaleLoss, StorageFullError, TrainConfig, Trainer, _optimizer_to_flat,
+from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig
+from did_engine.training.trainer import (MixScaleLoss, StorageFullError, TrainConfig, Trainer, _optimizer_to_flat,
                               clip_candidates, draw_batch_noise, evaluate_nelbo, list_checkpoints, main as train_main)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,7 +292,7 @@ def test_clip_candidates_are_bd3lms_grid():
 
 
 def _run(tmp_path, name, *extra, data=None):
-    from did_engine.train import TrainConfig, config_from_args, configure_parser, train
+    from did_engine.training.trainer import TrainConfig, config_from_args, configure_parser, train
     import argparse
 
     p = configure_parser(argparse.ArgumentParser())
@@ -348,7 +348,7 @@ def _weights(path):
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     data = make_dataset(tmp_path / "d")
-    common = [sys.executable, "-m", "did_engine.train", "--data", data, "--no-progress", "--max-steps", "30",
+    common = [sys.executable, "-m", "did_engine.training.trainer", "--data", data, "--no-progress", "--max-steps", "30",
               "--batch-size", "8", "--save-every", "5", "--eval-every", "10", "--eval-batches", "1",
               "--dropout", "0.1", "--ema", "0.9", "--warmup-steps", "10", "--lr-decay", "cosine", "--log-every", "1"]
     ref = tmp_path / "ref"
@@ -422,7 +422,7 @@ def test_token_embedding_gradient_is_summed_in_token_order_at_any_thread_count()
     for the backward to split its rows among threads (it parallelises over rows, 1000 at a
     time), equals a float32 sum taken token by token in order, bit for bit, at 1, 2 and 3
     threads: the order of the additions does not depend on the threads."""
-    from did_engine.model import TokenEmbedding
+    from did_engine.modeling.dit import TokenEmbedding
 
     g = torch.Generator().manual_seed(0)
     emb = TokenEmbedding(4099, 24)
@@ -461,7 +461,7 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp
     """ENOSPC in the middle of the optimizer file of the step-8 checkpoint: one StorageFullError
     naming that checkpoint, no temporary directory left, step 4 intact; resuming from step 4
     ends exactly where an uninterrupted run does."""
-    import did_engine.train as train_module
+    import did_engine.training.trainer as train_module
 
     data = make_dataset(tmp_path / "d")
     reference = _run_state(_fit(data, tmp_path / "ref", max_steps=12))
@@ -504,7 +504,7 @@ def test_a_file_size_limit_hit_by_the_cli_is_one_line_and_the_run_resumes(tmp_pa
     checkpoint is byte for byte what it was, and the next run resumes from it."""
     data = make_dataset(tmp_path / "d")
     out = tmp_path / "run"
-    common = [sys.executable, "-m", "did_engine.train", "--data", data, "--out", str(out), "--no-progress",
+    common = [sys.executable, "-m", "did_engine.training.trainer", "--data", data, "--out", str(out), "--no-progress",
               "--batch-size", "8", "--save-every", "4", "--eval-batches", "1", "--ema", "0.9", "--no-plot"]
     subprocess.run(common + ["--max-steps", "8"], env=subprocess_env(), check=True, capture_output=True, timeout=300)
     step8 = out / "checkpoints" / "step_00000008"
@@ -598,7 +598,7 @@ def test_fine_tunes_a_bd3lm_hugging_face_checkpoint(tmp_path):
 
 
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
-    from did_engine.train import Trainer
+    from did_engine.training.trainer import Trainer
 
     data = make_dataset(tmp_path / "d")
     results = []

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from did_engine.checkpoint import atomic_write_bytes, atomic_write_json
+from did_engine.modeling.checkpoint import atomic_write_bytes, atomic_write_json
 from did_engine.errors import UserError
 
 FORMAT = "did_engine.tokens"

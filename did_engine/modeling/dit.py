@@ -28,7 +28,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from did_engine import ops
 from did_engine.errors import UserError
-from did_engine.kv_cache import BlockKVCache
+from did_engine.modeling.kv_cache import BlockKVCache
 
 
 @dataclass
@@ -830,12 +830,12 @@ class BlockDiffusionLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True) -> "BlockDiffusionLM":
         """Load our checkpoint format or a BD3-LM Hugging Face directory (config.json + model.safetensors)."""
-        from did_engine.checkpoint import load_pretrained
+        from did_engine.modeling.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, device=device, dtype=dtype, strict=strict)
 
     def save_pretrained(self, path) -> None:
         """Write config.json + model.safetensors into directory `path` (atomically, no pickle)."""
-        from did_engine.checkpoint import save_pretrained
+        from did_engine.modeling.checkpoint import save_pretrained
 
         save_pretrained(self, path)

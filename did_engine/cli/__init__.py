@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Subcommands defined beside the code they run: each module offers add_parser(subparsers),
 # which adds its parser(s) with set_defaults(run=function(args) -> exit status).
-SUBCOMMAND_MODULES: tuple = ("did_engine.data.prepare", "did_engine.train", "did_engine.evaluate", "did_engine.ablation")
+SUBCOMMAND_MODULES: tuple = ("did_engine.data.prepare", "did_engine.training.trainer", "did_engine.evaluation.evaluate", "did_engine.evaluation.ablation")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,7 +57,7 @@ class CLIError(UserError):
 
 def _parse_stage(text: str):
     """BLOCK:RATIO[:STEPS], BLOCK an int or 'global'; STEPS an int or 'auto' (one token per call)."""
-    from did_engine.sampler import RefineStage
+    from did_engine.sampling.sampler import RefineStage
 
     parts = text.split(":")
     if len(parts) not in (2, 3):
@@ -151,7 +151,7 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, top_p_and_temperatur
 
 def sampler_config_from_args(args):
     """The SamplerConfig that add_sampler_options' arguments describe."""
-    from did_engine.sampler import RefineStage, SamplerConfig
+    from did_engine.sampling.sampler import RefineStage, SamplerConfig
 
     stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
     if getattr(args, "reuse_context", False):
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(spec: str, device: str, dtype):
-    from did_engine.model import PRESETS, BlockDiffusionLM
+    from did_engine.modeling.dit import PRESETS, BlockDiffusionLM
 
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
@@ -213,7 +213,7 @@ def _load_model(spec: str, device: str, dtype):
             raise CLIError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
         torch.manual_seed(0)
         return BlockDiffusionLM.from_preset(name, dropout=0.0).to(device=device, dtype=dtype).eval(), None
-    from did_engine.checkpoint import _resolve_embedded
+    from did_engine.modeling.checkpoint import _resolve_embedded
     from did_engine.pretrained import EMBEDDED_MODELS
 
     if not os.path.isdir(spec) and spec not in EMBEDDED_MODELS:
@@ -240,7 +240,7 @@ def _rewritten_markup(tokens, draft, tokenizer, start):
 
 
 def cmd_generate(args) -> int:
-    from did_engine.sampler import generate
+    from did_engine.sampling.sampler import generate
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available here")

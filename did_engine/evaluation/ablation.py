@@ -10,7 +10,7 @@ Groups (the paper's comparisons, plus the speed sweep this project aims at):
     policy   remask policy snapshot / post-hoc / random          (the paper: snapshot best)
     speed    parallel drafts (top-k, threshold) with and without the global refinement
 
-Every point is evaluated with the same seeds and sample count (``did_engine.evaluate``);
+Every point is evaluated with the same seeds and sample count (``did_engine.evaluation.evaluate``);
 a configuration shared by several groups (the default DiD setting is in four) runs once.
 Outputs: ``ablation.json`` (every point's full metrics), ``ablation.md`` (one table per
 group plus the frontier) and ``pareto.png`` (Gen PPL against NFE and against seconds per
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from did_engine._plotting import pyplot
 from did_engine.cli import HelpFormatter, finite_float
-from did_engine.evaluate import (EvalConfig, write_outputs, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
+from did_engine.evaluation.evaluate import (EvalConfig, write_outputs, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
                                  build_report, describe_sampler, evaluate_model, load_judge_from_args,
                                  load_model_and_tokenizer, markdown_table, metric_cells, protocol_line,
                                  rejection_from_args)
@@ -79,7 +79,7 @@ class AblationPoint:
 def ablation_points(cfg: AblationConfig, base) -> list:
     """The points of every selected group, in order; ``base`` is a SamplerConfig with the
     shared settings (length, top-p, temperature, ...)."""
-    from did_engine.sampler import RefineStage
+    from did_engine.sampling.sampler import RefineStage
 
     def did(ratio=cfg.ratio, block=None, policy="snapshot", **draft):
         return replace(base, method="did", block_size=cfg.draft_block, strategy="first_hitting",
@@ -318,7 +318,7 @@ def _parse_blocks(text: str):
 
 def cmd_ablate(args) -> int:
     from did_engine.cli import start_ids
-    from did_engine.sampler import SamplerConfig
+    from did_engine.sampling.sampler import SamplerConfig
 
     cfg = AblationConfig(groups=tuple(args.groups), draft_block=args.draft_block,
                          refine_blocks=tuple(args.refine_blocks), remask_ratios=tuple(args.ratios),

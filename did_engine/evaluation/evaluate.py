@@ -1,7 +1,7 @@
 """Evaluation: generative perplexity under an external judge LM, entropy, cost, NELBO.
 
     did-engine eval   --model DIR [--judge smollm2-135m|PATH|NAME] [sampler options]
-    did-engine ablate --model DIR [--groups ...]          (see did_engine.ablation)
+    did-engine ablate --model DIR [--groups ...]          (see did_engine.evaluation.ablation)
 
 **Judge.** Generated token ids are decoded to text with the model's tokenizer and
 re-tokenised with the judge's tokenizer (its default special tokens included); the
@@ -26,7 +26,7 @@ second. Any Hugging Face causal LM directory or hub name (e.g. ``gpt2-large``) w
     entropy                   unigram entropy (nats) of each sample's generated token ids
     nfe                       model calls per generate() call (one batch), commits included
     seconds, tokens/s         wall time of generation only (judge time is reported apart)
-    nelbo                     validation NELBO perplexity (``--data``), from did_engine.train
+    nelbo                     validation NELBO perplexity (``--data``), from did_engine.training.trainer
 
 **BD3-LM's low-entropy rejection** (optional): a sample whose last 256 tokens have a
 unigram entropy below 4 nats is degenerate (repetitive); it is discarded and drawn again
@@ -36,7 +36,7 @@ unigram entropy below 4 nats is degenerate (repetitive); it is discarded and dra
 ``s * 1_000_000 + i`` (``sample_seed``), and redraws continue that generator, so the
 sampler makes a sample independent of the batch it was generated in. Its logits are
 only as batch-independent as the BLAS: a batched matmul may round differently from a
-single-row one (~1e-6), which can flip a draw at a near tie (see did_engine.sampler).
+single-row one (~1e-6), which can flip a draw at a near tie (see did_engine.sampling.sampler).
 """
 
 from __future__ import annotations
@@ -394,7 +394,7 @@ def sample_seed(seed: int, index: int) -> int:
 class EvalConfig:
     """How many samples, in what batches, under which seeds, with which sampler."""
 
-    sampler: object = None  # did_engine.sampler.SamplerConfig (None: the defaults)
+    sampler: object = None  # did_engine.sampling.sampler.SamplerConfig (None: the defaults)
     num_samples: int = 32  # per seed (BD3-LM's protocol: 300)
     batch_size: int = 8
     seeds: list = field(default_factory=lambda: [0])
@@ -403,7 +403,7 @@ class EvalConfig:
     keep_texts: bool = False  # put every sample's text into the report
 
     def __post_init__(self):
-        from did_engine.sampler import SamplerConfig
+        from did_engine.sampling.sampler import SamplerConfig
 
         if self.sampler is None:
             self.sampler = SamplerConfig()
@@ -448,7 +448,7 @@ def _decode(tokenizer, ids) -> str:
 
 def generate_samples(model, tokenizer, config: EvalConfig, progress: bool = False) -> GenerationRun:
     """num_samples per seed, in batches, with per-sample generators; the rejection rule if set."""
-    from did_engine.sampler import DiDSampler
+    from did_engine.sampling.sampler import DiDSampler
 
     if tokenizer is None:
         raise EvalError("Gen PPL needs the model's text: put a tokenizer.json beside the weights "
@@ -520,13 +520,13 @@ def _sampler_settings(cfg) -> dict:
 
 def validation_nelbo(model, data_dir: str, *, block_size: int, batch_size: int = 8, max_batches: int | None = None,
                      seed: int = 0) -> dict:
-    """Validation NELBO perplexity through did_engine.train.evaluate_nelbo."""
+    """Validation NELBO perplexity through did_engine.training.trainer.evaluate_nelbo."""
     from did_engine.data.format import TokenDataset
 
     try:
-        from did_engine.train import evaluate_nelbo
+        from did_engine.training.trainer import evaluate_nelbo
     except ImportError:
-        raise EvalError("--data needs did_engine.train.evaluate_nelbo (the training module), "
+        raise EvalError("--data needs did_engine.training.trainer.evaluate_nelbo (the training module), "
                         "which this install does not have yet") from None
     dataset = TokenDataset(data_dir, "validation")
     if dataset.model_vocab_size != model.config.vocab_size:
@@ -684,7 +684,7 @@ def report_markdown(report: dict) -> str:
 
 
 def describe_sampler_dict(d: dict) -> str:
-    from did_engine.sampler import RefineStage, SamplerConfig
+    from did_engine.sampling.sampler import RefineStage, SamplerConfig
 
     return describe_sampler(SamplerConfig(**{**d, "stages": [RefineStage(**s) for s in d["stages"]]}))
 

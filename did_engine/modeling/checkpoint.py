@@ -347,7 +347,7 @@ def _resolve_embedded(path: str) -> str:
 
 def _model_config(raw, config_path: str, weights: SafetensorsFile):
     """config.json's object -> (ModelConfig, source format), every value checked."""
-    from did_engine.model import ModelConfig
+    from did_engine.modeling.dit import ModelConfig
 
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path} holds a JSON {_json_type(raw)}, not an object")

@@ -1,8 +1,8 @@
 """Mix-scale training of block diffusion LMs (BD3-LM), exact resume, DDP through torchrun.
 
     did-engine train --data DIR --out RUN [options]           one process
-    python -m did_engine.train --data DIR --out RUN           the same
-    torchrun --nproc_per_node=N -m did_engine.train ...       DDP (gloo on CPU, nccl on GPU)
+    python -m did_engine.training.trainer --data DIR --out RUN           the same
+    torchrun --nproc_per_node=N -m did_engine.training.trainer ...       DDP (gloo on CPU, nccl on GPU)
 
 Read top to bottom: the configuration, the validation NELBO (``evaluate_nelbo``, also used
 by the evaluation code), the mix-scale loss module, checkpoints, the trainer, the CLI.
@@ -47,12 +47,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from did_engine.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_safetensors, read_json_file
+from did_engine.modeling.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_safetensors, read_json_file
 from did_engine.cli import HelpFormatter
 from did_engine.diffusion import SCHEDULES, draw_block_noise, get_schedule, nelbo_terms
 from did_engine._plotting import pyplot
 from did_engine.errors import UserError
-from did_engine.model import PRESETS, BlockDiffusionLM
+from did_engine.modeling.dit import PRESETS, BlockDiffusionLM
 
 TRAINER_STATE = "trainer_state.json"
 DEFAULT_EPS = (1e-3, 1.0)  # the unclipped schedule: a valid NELBO
@@ -1217,7 +1217,7 @@ def run_from_args(args) -> int:
 DESCRIPTION = ("Train (or fine-tune) a block diffusion LM with mix-scale block sizes: each sequence draws its "
                "block size (default 4 with p 0.9, the whole sequence with p 0.1), the vectorised cat(x_t, x_0) "
                "mask, the NELBO of the log-linear schedule with per-size noise clipping. Checkpoints are atomic "
-               "and resume exactly; run under `torchrun --nproc_per_node=N -m did_engine.train` for DDP.")
+               "and resume exactly; run under `torchrun --nproc_per_node=N -m did_engine.training.trainer` for DDP.")
 
 
 def add_parser(subparsers) -> None:
@@ -1227,7 +1227,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m did_engine.train", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="python -m did_engine.training.trainer", description=DESCRIPTION,
                                      formatter_class=HelpFormatter)
     configure_parser(parser)
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""Mix-scale training: configuration, the loss, state I/O and the trainer."""
