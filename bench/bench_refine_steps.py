@@ -24,9 +24,10 @@ import time
 
 import torch
 
-from did_engine.evaluation.ablation import _parse_list
-from did_engine.cli import _load_model, start_ids
-from did_engine.evaluation.evaluate import Judge, gen_ppl_summary, sample_seed, unigram_entropy
+from did_engine.data.tokenizer import start_ids
+from did_engine.evaluation import Judge, gen_ppl_summary, sample_seed, unigram_entropy
+from did_engine.modeling.loading import load_for_sampling
+from did_engine.parsing import parse_list
 from did_engine.sampling.sampler import DiDSampler, RefineStage, SamplerConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,15 +41,15 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="drafts (one batch)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; sample i draws from seed * 1e6 + i")
     parser.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's context)")
-    parser.add_argument("--ratios", type=_parse_list(float), default=[0.1, 0.25], help="remask ratios, comma-separated")
-    parser.add_argument("--steps", type=_parse_list(int), default=[1, 2, 4, 8, 16], help="global refine step counts")
+    parser.add_argument("--ratios", type=lambda text: parse_list(text, float, "--ratios"), default=[0.1, 0.25], help="remask ratios, comma-separated")
+    parser.add_argument("--steps", type=lambda text: parse_list(text, int, "--steps"), default=[1, 2, 4, 8, 16], help="global refine step counts")
     parser.add_argument("--reuse-context", action="store_true",
                         help="also run every multi-step configuration with reuse_context=True (approximate: "
                              "one full forward, then only the remasked positions re-run)")
     parser.add_argument("--save", action="store_true", help="write the table to bench/results/")
     args = parser.parse_args(argv)
 
-    model, tokenizer = _load_model(args.model, "cpu", torch.float32)
+    model, tokenizer = load_for_sampling(args.model, "cpu", torch.float32)
     if tokenizer is None:
         parser.error(f"{args.model} has no tokenizer.json beside its weights: the judge needs text")
     judge = Judge.load(args.judge)

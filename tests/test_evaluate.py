@@ -1,4 +1,4 @@
-"""did_engine.evaluation.evaluate and did_engine.evaluation.ablation: Gen PPL against an independent float64
+"""did_engine.evaluation and did_engine.evaluation.ablation: Gen PPL against an independent float64
 computation, entropy by hand, the rejection rule, reports, the CLI; the real default
 judge (SmolLM2-135M, downloaded once into the cache) in one slow test."""
 
@@ -18,8 +18,8 @@ pytest.importorskip("transformers")
 
 from did_engine.evaluation.ablation import AblationConfig, ablation_points, config_key, pareto_front  # noqa: E402
 from did_engine.cli import build_parser, main  # noqa: E402
-from did_engine.evaluation.evaluate import (EvalConfig, Judge, JudgeScore, RejectionRule, gen_ppl_summary,  # noqa: E402
-                                 generate_samples, sample_seed, unigram_entropy, evaluate_model)
+from did_engine.evaluation import (EvalConfig, Judge, JudgeScore, RejectionRule, gen_ppl_summary,  # noqa: E402
+                                   generate_samples, sample_seed, unigram_entropy, evaluate_model)
 from did_engine.modeling.dit import BlockDiffusionLM  # noqa: E402
 from did_engine.sampling.sampler import RefineStage, SamplerConfig, generate  # noqa: E402
 from rowwise import RowByRow  # noqa: E402
@@ -422,7 +422,7 @@ def test_data_reports_validation_nelbo(model_dir, judge_dir, tmp_path, capsys):
     n = json.loads(capsys.readouterr().out)["nelbo"]
     # the same evaluation called directly: preset:tiny is built after torch.manual_seed(0)
     from did_engine.data.format import TokenDataset
-    from did_engine.training.trainer import evaluate_nelbo
+    from did_engine import evaluate_nelbo
 
     torch.manual_seed(0)
     model = BlockDiffusionLM.from_preset("tiny", dropout=0.0).eval()

@@ -12,7 +12,7 @@ from did_engine.data.format import wrap_documents
 from did_engine.data.tokenizer import Tokenizer
 from did_engine.modeling.dit import BlockDiffusionLM
 from did_engine.pretrained import embedded_model_path
-from did_engine.training.trainer import evaluate_nelbo
+from did_engine import evaluate_nelbo
 
 # Written for this test (not from the training corpus): plain English prose.
 PROSE = (

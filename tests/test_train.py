@@ -21,12 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from did_engine.cli import main as cli_main
 from did_engine.data.format import TokenDataset, wrap_documents, write_manifest, write_split
-from did_engine.diffusion import (LogLinearSchedule, draw_block_noise, masked_nll, nelbo_terms, sample_block_times,
-                                  subs_log_probs)
+from did_engine.diffusion import (LogLinearSchedule, draw_block_noise, evaluate_nelbo, masked_nll, nelbo_terms,
+                                  sample_block_times, subs_log_probs)
 from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig
-from did_engine.training.trainer import (MixScaleLoss, StorageFullError, TrainConfig, Trainer, _optimizer_to_flat,
-                              clip_candidates, draw_batch_noise, evaluate_nelbo, list_checkpoints, main as train_main)
+from did_engine.training.config import TrainConfig
+from did_engine.training.loss import MixScaleLoss, draw_batch_noise
+from did_engine.training.state import StorageFullError, list_checkpoints, optimizer_to_flat
+from did_engine.training.trainer import Trainer, clip_candidates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -275,7 +278,7 @@ def test_bad_config_fails_before_training_with_a_clear_message(tmp_path, capsys,
     data = make_dataset(tmp_path / "d")
     out = tmp_path / "run"
     try:
-        status = train_main(["--data", data, "--out", str(out), "--no-progress", *args])
+        status = cli_main(["train", "--data", data, "--out", str(out), "--no-progress", *args])
     except SystemExit as exc:  # argparse rejects malformed values itself
         status = exc.code
     assert status == 2
@@ -292,11 +295,11 @@ def test_clip_candidates_are_bd3lms_grid():
 
 
 def _run(tmp_path, name, *extra, data=None):
-    from did_engine.training.trainer import TrainConfig, config_from_args, configure_parser, train
-    import argparse
+    from did_engine.cli import build_parser
+    from did_engine.cli.train import config_from_args
+    from did_engine.training.trainer import train
 
-    p = configure_parser(argparse.ArgumentParser())
-    args = p.parse_args(["--data", data, "--out", str(tmp_path / name), "--no-progress", *extra])
+    args = build_parser().parse_args(["train", "--data", data, "--out", str(tmp_path / name), "--no-progress", *extra])
     return train(config_from_args(args))
 
 
@@ -348,7 +351,7 @@ def _weights(path):
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     data = make_dataset(tmp_path / "d")
-    common = [sys.executable, "-m", "did_engine.training.trainer", "--data", data, "--no-progress", "--max-steps", "30",
+    common = [sys.executable, "-m", "did_engine", "train", "--data", data, "--no-progress", "--max-steps", "30",
               "--batch-size", "8", "--save-every", "5", "--eval-every", "10", "--eval-batches", "1",
               "--dropout", "0.1", "--ema", "0.9", "--warmup-steps", "10", "--lr-decay", "cosine", "--log-every", "1"]
     ref = tmp_path / "ref"
@@ -402,7 +405,7 @@ def _run_state(trainer: Trainer) -> dict:
     """Every tensor a run ends with: the weights, the EMA and the optimizer state."""
     out = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
     out.update(trainer.ema.state_dict())
-    out.update(_optimizer_to_flat(trainer.optimizer)[0])
+    out.update(optimizer_to_flat(trainer.optimizer)[0])
     return out
 
 
@@ -461,7 +464,7 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp
     """ENOSPC in the middle of the optimizer file of the step-8 checkpoint: one StorageFullError
     naming that checkpoint, no temporary directory left, step 4 intact; resuming from step 4
     ends exactly where an uninterrupted run does."""
-    import did_engine.training.trainer as train_module
+    import did_engine.training.state as train_module
 
     data = make_dataset(tmp_path / "d")
     reference = _run_state(_fit(data, tmp_path / "ref", max_steps=12))
@@ -504,7 +507,7 @@ def test_a_file_size_limit_hit_by_the_cli_is_one_line_and_the_run_resumes(tmp_pa
     checkpoint is byte for byte what it was, and the next run resumes from it."""
     data = make_dataset(tmp_path / "d")
     out = tmp_path / "run"
-    common = [sys.executable, "-m", "did_engine.training.trainer", "--data", data, "--out", str(out), "--no-progress",
+    common = [sys.executable, "-m", "did_engine", "train", "--data", data, "--out", str(out), "--no-progress",
               "--batch-size", "8", "--save-every", "4", "--eval-batches", "1", "--ema", "0.9", "--no-plot"]
     subprocess.run(common + ["--max-steps", "8"], env=subprocess_env(), check=True, capture_output=True, timeout=300)
     step8 = out / "checkpoints" / "step_00000008"
@@ -523,7 +526,7 @@ def test_a_file_size_limit_hit_by_the_cli_is_one_line_and_the_run_resumes(tmp_pa
     assert failed.returncode == 2, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"did-engine train: error: cannot write the checkpoint "
+    assert last.startswith(f"did-engine: error: cannot write the checkpoint "
                            f"{out / 'checkpoints' / 'step_00000012'}: file too large"), err[-3000:]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000008"]
     assert _sha256_of_files(step8) == before
@@ -558,11 +561,11 @@ def test_a_damaged_metrics_line_before_the_last_is_a_clear_error(tmp_path, capsy
     lines[2] = '{"step": 3, "lo\n'
     path.write_text("".join(lines))
     capsys.readouterr()
-    status = train_main(["--data", data, "--out", str(out), "--no-progress", "--max-steps", "8",
-                         "--batch-size", "16"])
+    status = cli_main(["train", "--data", data, "--out", str(out), "--no-progress", "--max-steps", "8",
+                       "--batch-size", "16"])
     assert status == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"did-engine train: error: {path}, line 3: not a JSON record (damaged log): repair or delete "
+    assert err == (f"did-engine: error: {path}, line 3: not a JSON record (damaged log): repair or delete "
                    "that line, then resume")
     assert list_checkpoints(str(out))[-1].endswith("step_00000004")  # nothing was trained
 
@@ -598,8 +601,6 @@ def test_fine_tunes_a_bd3lm_hugging_face_checkpoint(tmp_path):
 
 
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
-    from did_engine.training.trainer import Trainer
-
     data = make_dataset(tmp_path / "d")
     results = []
     for micro in (0, 3):  # 8 rows at once, or micro-batches of 3, 3, 2

@@ -19,7 +19,7 @@ from tests.test_train import REPO, make_dataset, subprocess_env
 WORKER = """
 import os, sys
 from safetensors.torch import save_file
-from did_engine.training.trainer import Trainer, TrainConfig
+from did_engine.training import Trainer, TrainConfig
 cfg = TrainConfig.from_json(__import__("json").loads(sys.argv[1]))
 trainer = Trainer(cfg)
 trainer.fit()

