@@ -124,3 +124,99 @@ def test_bad_arguments_give_one_line_errors(argv, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+# -- options generated from the config dataclasses -------------------------------------------
+
+
+@pytest.mark.parametrize("argv,config_class,given", [
+    (["train", "--data", "d"], "did_engine.training.config.TrainConfig", {"data": "d"}),
+    (["data", "prepare", "--out", "o"], "did_engine.data.prepare.PrepareConfig", {"out": "o"}),
+    (["ablate", "--model", "m", "--out", "o"], "did_engine.evaluation.ablation.AblationConfig", {}),
+    (["eval", "--model", "m"], "did_engine.evaluation.judge.JudgeConfig", {}),
+    (["eval", "--model", "m"], "did_engine.evaluation.config.RejectionRule", {}),
+])
+def test_generated_options_parse_back_to_the_dataclass_defaults(argv, config_class, given):
+    """Every default (a dict, a tuple with L, a list of seeds ...) is shown as option text and
+    parsed back by the option's own parser: with only the required options given, the
+    command line describes the dataclass's default configuration."""
+    import importlib
+
+    from did_engine.cli.options import config_values
+
+    module, name = config_class.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    assert cls(**config_values(cls, build_parser().parse_args(argv))) == cls(**given)
+
+
+def test_eval_defaults_and_per_command_overrides():
+    from did_engine.cli.options import config_values
+    from did_engine.evaluation.config import EvalConfig
+
+    for command, samples in (("eval", 32), ("ablate", 16)):
+        argv = [command, "--model", "m"] + (["--out", "o"] if command == "ablate" else [])
+        values = config_values(EvalConfig, build_parser().parse_args(argv))
+        assert EvalConfig(**values) == EvalConfig(num_samples=samples)
+
+
+def test_generated_bool_and_list_options():
+    from did_engine.cli.options import config_values
+    from did_engine.training.config import TrainConfig
+
+    args = build_parser().parse_args(["train", "--data", "d", "--no-antithetic", "--clip-search",
+                                      "--block-sizes", "4:0.5, L:0.5", "--clip", "4:0.2:0.9",
+                                      "--clip-search-widths", "0.5 0.75"])
+    cfg = TrainConfig(**config_values(TrainConfig, args))
+    assert (cfg.antithetic, cfg.clip_search, cfg.resample) == (False, True, True)
+    assert cfg.block_sizes == {4: 0.5, "L": 0.5} and cfg.clip == {4: [0.2, 0.9]}
+    assert cfg.clip_search_widths == (0.5, 0.75)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--data", "d", "--clip-search-widths", "0.5,wide"], "--clip-search-widths must be numbers"),
+    (["train", "--data", "d", "--block-sizes", "4"], "must be SIZE:PROB"),
+    (["ablate", "--model", "m", "--out", "o", "--refine-blocks", "4,huge"], "refine blocks are integers or L"),
+    (["eval", "--model", "m", "--seeds", ","], "give at least one seed"),
+])
+def test_generated_options_give_one_line_errors(argv, message, capsys):
+    code, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.parametrize("command", [["train"], ["data", "prepare"]])
+def test_help_explains_every_generated_option(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    sub = build_parser()._subparsers._group_actions[0].choices[command[0]]
+    if len(command) == 2:
+        sub = sub._subparsers._group_actions[0].choices[command[1]]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+            assert action.option_strings[-1] in text
+
+
+def test_the_package_never_imports_the_cli():
+    """The CLI is on top: importing the library (every module but cli/ and __main__) loads
+    no did_engine.cli module."""
+    import os
+
+    import did_engine
+
+    root = os.path.dirname(did_engine.__file__)
+    modules = []
+    for folder, _, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        if rel.split(os.sep)[0] in ("cli", "__pycache__", "pretrained"):
+            continue
+        for name in files:
+            if name.endswith(".py") and name != "__main__.py":
+                parts = ["did_engine"] + ([] if rel == "." else rel.split(os.sep))
+                modules.append(".".join(parts + ([] if name == "__init__.py" else [name[:-3]])))
+    code = ("import sys, importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+            + "print(sorted(m for m in sys.modules if m.startswith('did_engine.cli')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
