@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from did_engine.errors import UserError
+from did_engine.modeling.config import ModelConfig
 
 FORMAT = "did_engine"
 FORMAT_VERSION = 1
@@ -347,8 +348,6 @@ def _resolve_embedded(path: str) -> str:
 
 def _model_config(raw, config_path: str, weights: SafetensorsFile):
     """config.json's object -> (ModelConfig, source format), every value checked."""
-    from did_engine.modeling.dit import ModelConfig
-
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path} holds a JSON {_json_type(raw)}, not an object")
     if raw.get("format") == FORMAT:
