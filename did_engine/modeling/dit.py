@@ -25,8 +25,8 @@ from did_engine import ops
 from did_engine.modeling import checkpoint
 from did_engine.modeling.config import PRESETS, ModelConfig
 from did_engine.modeling.kv_cache import BlockKVCache
-from did_engine.modeling.layers import (FLEX_TRAINING_ATTENTION, LayerNorm, Rotary, TimestepEmbedder, TokenEmbedding,
-                                        apply_rotary, block_causal_mask, block_diffusion_mask, modulate,
+from did_engine.modeling.layers import (LayerNorm, Rotary, TimestepEmbedder, TokenEmbedding, apply_rotary,
+                                        block_causal_mask, block_diffusion_attention, modulate,
                                         resolve_training_attention, sdpa)
 
 # ---------------------------------------------------------------------------------------
@@ -109,7 +109,6 @@ class BlockDiffusionLM(nn.Module):
         self.rotary_emb = Rotary(config.head_dim, config.rotary_base)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = FinalLayer(config)
-        self._mask_cache: dict = {}
         # The training forward's attention: None reads DID_ENGINE_TRAIN_ATTENTION (default
         # auto: compiled FlexAttention on CUDA, dense-mask SDPA elsewhere); or one of
         # TRAINING_ATTENTION_CHOICES. last_training_attention names the path the last
@@ -171,12 +170,6 @@ class BlockDiffusionLM(nn.Module):
             raise ValueError(f"{name} must be an int64 tensor [B, S], got "
                              f"{tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__}")
 
-    def _training_mask(self, seq_len: int, block_size: int, device):
-        key = (seq_len, block_size, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = block_diffusion_mask(seq_len, block_size, device=device)
-        return self._mask_cache[key]
-
     # -- forwards -----------------------------------------------------------------------
 
     # The sampler may ask decode() and the block-causal/global forwards for logits at some
@@ -230,20 +223,11 @@ class BlockDiffusionLM(nn.Module):
         positions = torch.arange(L, device=x_t.device).repeat(2)  # both halves use 0..L-1
         cos, sin = self.rotary_emb.cos_sin(positions)
         path = resolve_training_attention(self.training_attention, x_t.device)
-        if path == "sdpa":
-            mask = self._training_mask(L, block_size, x_t.device)  # [2L, 2L]
-            self.last_training_attention = "sdpa-dense"
 
-            def attend(q, k, v):
-                return sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
-        else:
-            flex = FLEX_TRAINING_ATTENTION
-
-            def attend(q, k, v):
-                out = flex(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, L, block_size,
-                           compiled=path == "flex")
-                self.last_training_attention = flex.last_path
-                return out
+        def attend(q, k, v):  # [B, 2L, H, D]
+            out, self.last_training_attention = block_diffusion_attention(
+                apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, L, block_size, path)
+            return out
 
         logits = self._run(torch.cat([x_t, x0], dim=1), sigma, lambda i: attend)
         return logits[:, :L]

@@ -6,13 +6,14 @@ A model file (dit.py; a second family beside it) builds its blocks from these:
     Rotary, apply_rotary                                     rotary positions (split half)
     block_causal_mask, block_diffusion_mask(_mod)            the attention masks
     sdpa                                                     differentiable attention
-    resolve_training_attention, FLEX_TRAINING_ATTENTION      the training forward's attention
+    resolve_training_attention, block_diffusion_attention    the training forward's attention
 
 Attention tensors are [B, S, H, D] (batch, sequence, heads, head dim).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -283,3 +284,18 @@ def _compile_flex_function(index: int):
 
 # One per process: compiled functions and block masks depend on shapes, not on weights.
 FLEX_TRAINING_ATTENTION = FlexTrainingAttention()
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_block_diffusion_mask(seq_len: int, block_size: int, device: str) -> torch.Tensor:
+    return block_diffusion_mask(seq_len, block_size, device=device)  # [2L, 2L]: built once per shape
+
+
+def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, path: str):
+    """The training forward's attention over cat(x_t, x_0) under the block diffusion mask,
+    by ``path`` (from resolve_training_attention): q/k/v [B, 2L, H, D], after rotary ->
+    ([B, 2L, H, D], the path taken: "sdpa-dense", "flex-compiled" or "flex-eager")."""
+    if path == "sdpa":
+        return sdpa(q, k, v, _dense_block_diffusion_mask(seq_len, block_size, str(q.device))), "sdpa-dense"
+    out = FLEX_TRAINING_ATTENTION(q, k, v, seq_len, block_size, compiled=path == "flex")
+    return out, FLEX_TRAINING_ATTENTION.last_path
