@@ -27,7 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import ours_vs_baseline_row, save_results  # noqa: E402
 
-from did_engine.modeling.dit import BlockDiffusionLM, apply_rotary, modulate  # noqa: E402
+from did_engine.modeling import BlockDiffusionLM  # noqa: E402
+from did_engine.modeling.layers import apply_rotary, modulate  # noqa: E402
 
 
 class BD3LMStyleCache:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import ours_vs_baseline_row, save_results  # noqa: E402
 
-from did_engine.modeling.dit import BlockDiffusionLM  # noqa: E402
+from did_engine.modeling import BlockDiffusionLM  # noqa: E402
 
 
 def main(argv=None) -> int:

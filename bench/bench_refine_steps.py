@@ -28,7 +28,7 @@ from did_engine.data.tokenizer import start_ids
 from did_engine.evaluation import Judge, gen_ppl_summary, sample_seed, unigram_entropy
 from did_engine.modeling.loading import load_for_sampling
 from did_engine.parsing import parse_list
-from did_engine.sampling.sampler import DiDSampler, RefineStage, SamplerConfig
+from did_engine.sampling import DiDSampler, RefineStage, SamplerConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import save_results  # noqa: E402

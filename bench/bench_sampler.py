@@ -38,8 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model_decode import BD3LMStyleCache, bd3lm_style_decode  # noqa: E402
 from bench_ops import measure_bandwidth, save_results  # noqa: E402
 
-from did_engine.modeling.dit import BlockDiffusionLM  # noqa: E402
-from did_engine.sampling.sampler import DiDSampler, RefineStage, SamplerConfig, _CachedBlocks, _TokenDrawer  # noqa: E402
+from did_engine.modeling import BlockDiffusionLM  # noqa: E402
+from did_engine.sampling import DiDSampler, RefineStage, SamplerConfig  # noqa: E402
+from did_engine.sampling.drawing import TokenDrawer  # noqa: E402
+from did_engine.sampling.sampler import _CachedBlocks  # noqa: E402
 
 
 def once(fn, reps: int = 2) -> float:
@@ -83,7 +85,7 @@ class Bench:
         """Time to fill one all-mask block with first-hitting draws (after `before`, e.g. the
         previous block's commit; then `after`)."""
         gen = torch.Generator().manual_seed(0)
-        drawer = _TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
+        drawer = TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
 
         def run():
             if before is not None:
@@ -148,7 +150,7 @@ class Bench:
         conf = torch.rand(B, self.L)
         full_steps = full_steps or reuse_context
         stage = RefineStage(None, self.ratio, self.steps if full_steps else 1, reuse_context=reuse_context)
-        drawer = _TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
+        drawer = TokenDrawer(self.mask_id, 1.0, self.top_p, gen)
         lengths = torch.full((B,), self.L)
 
         def run():
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print()
     if baseline:
-        print(f"batch-1 baselines (draft only, tokens/s): " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items()))
+        print("batch-1 baselines (draft only, tokens/s): " + ", ".join(f"{k} {v:.2f}" for k, v in baseline.items()))
     print(table)
     if args.save:
         save_results("sampler_cpu", f"Sampler throughput, {args.preset} preset (random weights), L={args.length}, "

@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import machine_description, timeit  # noqa: E402
 
 from did_engine.diffusion import LogLinearSchedule, subs_log_probs  # noqa: E402
-from did_engine.modeling.dit import BlockDiffusionLM, _sdpa, apply_rotary, block_diffusion_mask  # noqa: E402
+from did_engine.modeling import BlockDiffusionLM  # noqa: E402
+from did_engine.modeling.layers import apply_rotary, block_diffusion_mask, sdpa  # noqa: E402
 from did_engine.training import TrainConfig  # noqa: E402
 from did_engine.training.loss import MixScaleLoss, draw_batch_noise  # noqa: E402
 
@@ -51,7 +52,7 @@ def dense_loss(model: BlockDiffusionLM, x0, masked, t, sizes):
         mask = block_diffusion_mask(L, b)  # [2L, 2L]
 
         def attend(q, k, v):
-            return _sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
+            return sdpa(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
 
         logits = model._run(torch.cat([x_t, x0_g], dim=1), None, lambda i: attend)[:, :L]  # [R, L, V]
         log_p = subs_log_probs(logits, x_t, mask_id)  # [R, L, V]

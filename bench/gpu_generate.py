@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     args, device = parse_and_open(parser, argv, "gpu_generate")
     if device is None:
         return 2
-    from did_engine.modeling.dit import BlockDiffusionLM
-    from did_engine.sampling.sampler import generate
+    from did_engine.modeling import BlockDiffusionLM
+    from did_engine.sampling import generate
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)

@@ -29,15 +29,15 @@ from gpu_generate import finish, parse_and_open, sync  # noqa: E402
 
 
 def attention_only(device, B: int, L: int, block_size: int, reps: int) -> list:
-    from did_engine.modeling.dit import _FLEX_TRAINING_ATTENTION, _sdpa, block_diffusion_mask
+    from did_engine.modeling.layers import FLEX_TRAINING_ATTENTION, block_diffusion_mask, sdpa
 
     H, D = 12, 64
     q, k, v = (torch.randn(B, 2 * L, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn(B, 2 * L, H, D, device=device, dtype=torch.bfloat16)
     mask = block_diffusion_mask(L, block_size, device=device)
     rows = []
-    for name, fn in [("SDPA, dense bool mask", lambda: _sdpa(q, k, v, mask)),
-                     ("FlexAttention, block mask", lambda: _FLEX_TRAINING_ATTENTION(q, k, v, L, block_size))]:
+    for name, fn in [("SDPA, dense bool mask", lambda: sdpa(q, k, v, mask)),
+                     ("FlexAttention, block mask", lambda: FLEX_TRAINING_ATTENTION(q, k, v, L, block_size))]:
         def step():
             out = fn()
             out.backward(grad)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     from did_engine.diffusion import LogLinearSchedule
-    from did_engine.modeling.dit import BlockDiffusionLM
+    from did_engine.modeling import BlockDiffusionLM
     from did_engine.training import TrainConfig
     from did_engine.training.loss import MixScaleLoss, draw_batch_noise
 

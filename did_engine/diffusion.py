@@ -8,24 +8,37 @@ import math
 import torch
 
 
+def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS parameterisation (MDLM / BD3-LM) of raw logits: the mask token is never a
+    prediction, so its logit becomes -inf. A softmax over the result is p(x_0 | x_t) at a
+    masked position; unmasked positions carry their token over (see subs_log_probs), which
+    the sampler gets by drawing at masked positions only.
+
+    ::
+
+        logits [..., V] raw model output -> [..., V] float32 (float64 stays float64), a new
+        tensor (out of place, so the loss can backpropagate through it)
+    """
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_id  # [V]
+    return logits.masked_fill(is_mask_column, float("-inf"))
+
+
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """SUBS parameterisation (MDLM / BD3-LM): raw logits -> log p(x_0 | x_t) in float32 (float64 stays float64).
+    """log p(x_0 | x_t) under SUBS, every position and token: [B, S, V] float32 (float64 stays).
 
     ::
 
         logits [B, S, V] raw model output; x_t [B, S] current tokens -> [B, S, V]
 
-    - the mask token is never a prediction: its logit is -inf before the softmax;
+    - masked positions: log_softmax(subs_logits(logits));
     - positions already unmasked carry their token over: a one-hot (log 1 = 0 on the
       token, -inf elsewhere), whatever the model said there.
     """
     if logits.shape[:2] != x_t.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and x_t {tuple(x_t.shape)} disagree on [B, S]")
-    if logits.dtype != torch.float64:
-        logits = logits.float()
-    is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_id  # [V]
-    log_probs = torch.log_softmax(logits.masked_fill(is_mask_column, float("-inf")), dim=-1)
-    # Out of place throughout, so the loss can backpropagate through it.
+    log_probs = torch.log_softmax(subs_logits(logits, mask_id), dim=-1)
     carry = torch.full_like(log_probs, float("-inf")).scatter(-1, x_t[..., None], 0.0)
     return torch.where((x_t != mask_id)[..., None], carry, log_probs)
 
@@ -137,16 +150,17 @@ def masked_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, mas
 
     logits [B, L, V] raw; x0 [B, L] clean tokens; masked [B, L] bool (x_t == mask).
     At unmasked positions SUBS puts probability 1 on the carried token: the term is 0.
-    Equal to gathering :func:`subs_log_probs` at x_0, without its [B, L, V] copies.
+    Equal to gathering :func:`subs_log_probs` at x_0, without its [B, L, V] tensors.
     """
     if logits.dtype != torch.float64:
         logits = logits.float()
-    V = logits.shape[-1]
-    if mask_id == V - 1:
-        lse = torch.logsumexp(logits[..., :mask_id], dim=-1)  # the mask column is never a prediction
+    if mask_id == logits.shape[-1] - 1:
+        # SUBS's normaliser leaves the mask column out. When it is the last column (every
+        # BD3-LM and did_engine model) a slice does that without subs_logits' [B, L, V]
+        # copy, which autograd would keep alive until the backward.
+        lse = torch.logsumexp(logits[..., :mask_id], dim=-1)  # [B, L]
     else:
-        is_mask_column = torch.arange(V, device=logits.device) == mask_id
-        lse = torch.logsumexp(logits.masked_fill(is_mask_column, float("-inf")), dim=-1)
+        lse = torch.logsumexp(subs_logits(logits, mask_id), dim=-1)
     target = logits.gather(-1, x0[..., None]).squeeze(-1)  # [B, L]
     return torch.where(masked, lse - target, torch.zeros_like(lse))
 

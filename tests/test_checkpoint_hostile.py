@@ -85,7 +85,7 @@ def edit_json(path, edit):
 
 def tiny_reference(root):
     """A did_engine checkpoint of a tiny model with every parameter random, at root/reference."""
-    from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig
+    from did_engine.modeling import BlockDiffusionLM, ModelConfig
 
     torch.manual_seed(0)
     model = BlockDiffusionLM(ModelConfig(**TINY))
@@ -416,7 +416,7 @@ def worker(manifest_path, out_dir, start):
     """Load cases[start:] one by one; one JSON line per event on stdout."""
     import signal
 
-    from did_engine.modeling.dit import BlockDiffusionLM
+    from did_engine.modeling import BlockDiffusionLM
 
     with open(manifest_path) as f:
         manifest = json.load(f)
@@ -602,7 +602,7 @@ def test_load_safetensors_reads_what_the_library_reads(path):
 
 def test_bd3lm_scalar_buffers_stay_metadata(tmp_path):
     """The kept BD3-LM buffers are Python scalars in config.extra, so a saved copy's config stays small."""
-    from did_engine.modeling.dit import BlockDiffusionLM
+    from did_engine.modeling import BlockDiffusionLM
 
     model = BlockDiffusionLM.from_pretrained(BD3LM_FIXTURE)
     assert model.config.extra["sampling_eps_min"] == load_file(os.path.join(BD3LM_FIXTURE, WEIGHTS))[

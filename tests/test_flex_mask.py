@@ -16,9 +16,9 @@ import torch
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 from did_engine.errors import UserError
-from did_engine.modeling.dit import (TRAINING_ATTENTION_ENV, BlockDiffusionLM, FlexTrainingAttention,
-                              _compile_flex_function, block_diffusion_mask, block_diffusion_mask_mod,
-                              resolve_training_attention)
+from did_engine.modeling import BlockDiffusionLM
+from did_engine.modeling.layers import (TRAINING_ATTENTION_ENV, FlexTrainingAttention, _compile_flex_function,
+                                        block_diffusion_mask, block_diffusion_mask_mod, resolve_training_attention)
 
 # (L, block size): several blocks, L not a multiple of b, b = 1, b = L, one token.
 SIZES = [(1, 1), (4, 2), (7, 3), (8, 4), (10, 4), (12, 12), (16, 1), (33, 8), (20, 7)]

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from did_engine.modeling.checkpoint import CheckpointError
 from did_engine.diffusion import subs_log_probs
-from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig, apply_rotary, block_diffusion_mask
+from did_engine.modeling import BlockDiffusionLM, ModelConfig
+from did_engine.modeling.checkpoint import CheckpointError
+from did_engine.modeling.layers import apply_rotary, block_diffusion_mask
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bd3lm_tiny")
 
@@ -161,7 +162,7 @@ def test_prompt_prefill_in_one_forward_equals_block_by_block_commits(P, block):
 
 
 def test_a_long_prompt_is_prefilled_in_one_forward_by_the_sampler():
-    from did_engine.sampling.sampler import generate
+    from did_engine.sampling import generate
 
     model = random_model()
     result = generate(model, 2, prompt=torch.randint(0, 36, (14,)), length=24, block_size=4, stages=[])
@@ -344,8 +345,7 @@ def test_commits_read_lengths_back_only_when_a_row_might_overflow(monkeypatch):
         # Rows of different lengths (a context that was set by hand): each slides its own way.
         short = model.new_kv_cache(2, max_len=16)
         short.copy_(cache)
-        short.set_lengths(16)
-        short._layer_lengths[:, 1] = 8
+        short.set_lengths([16, 8])
         model.commit(tokens[:, 20:24], short)
         assert tolist(short.lengths) == [16, 12] and tolist(short.offset) == [8, 4]
 
@@ -486,7 +486,7 @@ def test_config_values_are_checked_before_anything_is_allocated(bad, fragment):
 @pytest.mark.parametrize("preset", ["tiny", "mini", "small"])
 @pytest.mark.parametrize("adaln", [True, False])
 def test_weight_estimate_is_the_count_with_adaln_and_a_bound_without(preset, adaln):
-    from did_engine.modeling.dit import PRESETS, estimated_weight_elements
+    from did_engine.modeling.config import PRESETS, estimated_weight_elements
 
     config = ModelConfig(**{**PRESETS[preset], "adaln": adaln})
     with torch.device("meta"):  # counted without allocating (small has 170M weights)

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig
+from did_engine.modeling import BlockDiffusionLM, ModelConfig
 from did_engine.errors import UserError
-from did_engine.sampling.sampler import DiDSampler, RefineStage, SamplerConfig, generate
+from did_engine.sampling import DiDSampler, RefineStage, SamplerConfig, generate
 from rowwise import RowByRow
 
 
@@ -472,7 +472,7 @@ def _dense_nucleus(groups, shape):
 
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
 def test_nucleus_both_paths_keep_the_sorted_prefix(top_p):
-    from did_engine.sampling.sampler import _nucleus_groups
+    from did_engine.sampling.drawing import _nucleus_groups
     gen = torch.Generator().manual_seed(3)
     # Rows from peaked (nucleus within the first 16) to flat (nucleus past them).
     logits = torch.randn(9, 97, generator=gen, dtype=torch.float64) * torch.linspace(0.05, 8, 9, dtype=torch.float64)[:, None]
@@ -489,7 +489,7 @@ def test_nucleus_both_paths_keep_the_sorted_prefix(top_p):
 def test_nucleus_by_buckets_on_ties_zeros_and_wide_ranges():
     """The sort-free nucleus (flat rows) against sorting, where buckets are hardest: many equal
     probabilities, zeros (the SUBS mask), probabilities spanning hundreds of powers of two."""
-    from did_engine.sampling.sampler import _keep_prefix, _nucleus_by_buckets
+    from did_engine.sampling.drawing import _keep_prefix, _nucleus_by_buckets
     gen = torch.Generator().manual_seed(8)
     uniform = torch.full((1, 7), 1 / 7, dtype=torch.float64)
     kept = _nucleus_by_buckets(uniform, 0.5)
@@ -511,7 +511,7 @@ def test_nucleus_by_buckets_on_ties_zeros_and_wide_ranges():
 
 
 def test_nucleus_draw_frequencies_match_the_renormalised_nucleus():
-    from did_engine.sampling.sampler import _sample_tokens
+    from did_engine.sampling.drawing import _sample_tokens
     gen = torch.Generator().manual_seed(4)
     probs = (torch.randn(1, 40, generator=gen, dtype=torch.float64) * 1.5).softmax(-1)
     sp, order = probs.sort(-1, descending=True)
@@ -529,13 +529,13 @@ def test_nucleus_draw_frequencies_match_the_renormalised_nucleus():
 def test_token_drawer_chunks_rows_without_changing_any_draw():
     """The drawer works through the rows in chunks (bounded memory); with per-row generators a
     batch row is never split, so chunked draws equal one-pass draws exactly."""
-    from did_engine.sampling.sampler import _TokenDrawer
+    from did_engine.sampling.drawing import TokenDrawer
     gen = torch.Generator().manual_seed(5)
     where = torch.rand(6, 11, generator=gen) < 0.6  # [B, W]: uneven positions per row
     logits = torch.randn(int(where.sum()), 23, generator=gen) * torch.rand(int(where.sum()), 1, generator=gen) * 6
     results = []
     for chunk in (1 << 25, 23 * 3, 1):  # one pass; a few rows per chunk; one row per chunk
-        drawer = _TokenDrawer(22, 1.0, 0.9, [torch.Generator().manual_seed(40 + b) for b in range(6)])
+        drawer = TokenDrawer(22, 1.0, 0.9, [torch.Generator().manual_seed(40 + b) for b in range(6)])
         drawer.chunk_elements = chunk
         results.append(drawer(logits.clone(), where))
     for tokens, confidence in results[1:]:
@@ -545,7 +545,7 @@ def test_token_drawer_chunks_rows_without_changing_any_draw():
     probs[:, 22] = float("-inf")
     torch.testing.assert_close(results[0][1], probs.softmax(-1).gather(-1, results[0][0][:, None])[:, 0])
     # One shared generator: chunking changes which draw a row gets, never what is drawable.
-    shared = _TokenDrawer(22, 0.0, 0.9, torch.Generator().manual_seed(1))
+    shared = TokenDrawer(22, 0.0, 0.9, torch.Generator().manual_seed(1))
     shared.chunk_elements = 23 * 2
     tokens, _ = shared(logits.clone(), where)
     assert torch.equal(tokens, probs.argmax(-1))  # greedy, chunked

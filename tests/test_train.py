@@ -25,7 +25,7 @@ from did_engine.cli import main as cli_main
 from did_engine.data.format import TokenDataset, wrap_documents, write_manifest, write_split
 from did_engine.diffusion import (LogLinearSchedule, draw_block_noise, evaluate_nelbo, masked_nll, nelbo_terms,
                                   sample_block_times, subs_log_probs)
-from did_engine.modeling.dit import BlockDiffusionLM, ModelConfig
+from did_engine.modeling import BlockDiffusionLM, ModelConfig
 from did_engine.training.config import TrainConfig
 from did_engine.training.loss import MixScaleLoss, draw_batch_noise
 from did_engine.training.state import StorageFullError, list_checkpoints, optimizer_to_flat
@@ -425,7 +425,7 @@ def test_token_embedding_gradient_is_summed_in_token_order_at_any_thread_count()
     for the backward to split its rows among threads (it parallelises over rows, 1000 at a
     time), equals a float32 sum taken token by token in order, bit for bit, at 1, 2 and 3
     threads: the order of the additions does not depend on the threads."""
-    from did_engine.modeling.dit import TokenEmbedding
+    from did_engine.modeling.layers import TokenEmbedding
 
     g = torch.Generator().manual_seed(0)
     emb = TokenEmbedding(4099, 24)

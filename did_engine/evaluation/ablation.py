@@ -110,7 +110,7 @@ class AblationPoint:
 def ablation_points(cfg: AblationConfig, base) -> list:
     """The points of every selected group, in order; ``base`` is a SamplerConfig with the
     shared settings (length, top-p, temperature, ...)."""
-    from did_engine.sampling.sampler import RefineStage
+    from did_engine.sampling import RefineStage
 
     def did(ratio=cfg.ratio, block=None, policy="snapshot", **draft):
         return replace(base, method="did", block_size=cfg.draft_block, strategy="first_hitting",

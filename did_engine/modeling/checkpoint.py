@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from did_engine.errors import UserError
+from did_engine.modeling.config import ModelConfig
 
 FORMAT = "did_engine"
 FORMAT_VERSION = 1
@@ -331,7 +332,7 @@ def _bd3lm_config(raw: dict, config_path: str) -> dict:
     return raw
 
 
-def _resolve_embedded(path: str) -> str:
+def resolve_embedded(path: str) -> str:
     """A name of a model shipped in the package (e.g. "default") -> its directory; a real
     directory of that name takes precedence."""
     from did_engine.pretrained import EMBEDDED_MODELS, embedded_model_path
@@ -347,8 +348,6 @@ def _resolve_embedded(path: str) -> str:
 
 def _model_config(raw, config_path: str, weights: SafetensorsFile):
     """config.json's object -> (ModelConfig, source format), every value checked."""
-    from did_engine.modeling.dit import ModelConfig
-
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path} holds a JSON {_json_type(raw)}, not an object")
     if raw.get("format") == FORMAT:
@@ -398,7 +397,7 @@ def load_pretrained(cls, path, device=None, dtype=None, strict: bool = True):
     """Load a checkpoint directory (ours or BD3-LM's) into a new `cls` model; see the module
     docstring for what is checked. strict=False tolerates missing and unexpected tensors (the
     missing ones keep their initial values); wrong shapes and dtypes are refused either way."""
-    path = _resolve_embedded(os.fspath(path))
+    path = resolve_embedded(os.fspath(path))
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (config_path, weights_path):
         if not os.path.lexists(p):

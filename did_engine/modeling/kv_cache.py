@@ -50,6 +50,12 @@ class BlockKVCache:
         """int32 [B], read-only: write lengths with set_lengths (see _length_bound)."""
         return self._layer_lengths[0]
 
+    def layer_lengths(self, layer: int) -> torch.Tensor:
+        """int32 [B]: the lengths layer ``layer`` attends over. Equal to ``lengths`` between
+        commits; while a block is committed layer by layer, the layers already done are
+        ahead by the block (commit_layer advances this tensor in place)."""
+        return self._layer_lengths[layer]
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
@@ -73,10 +79,15 @@ class BlockKVCache:
         self.offset.zero_()
         self._length_bound = 0
 
-    def set_lengths(self, length: int) -> None:
-        """Mark every row as holding ``length`` entries (written directly into k and v)."""
-        self._layer_lengths.fill_(length)
-        self._length_bound = length
+    def set_lengths(self, length) -> None:
+        """Mark every row as holding ``length`` entries (an int, or one per row: int [B]),
+        written directly into k and v."""
+        per_row = torch.as_tensor(length).tolist()
+        per_row = per_row if isinstance(per_row, list) else [per_row] * self.batch_size
+        if len(per_row) != self.batch_size or not all(0 <= n <= self.capacity for n in per_row):
+            raise ValueError(f"set_lengths needs {self.batch_size} lengths in [0, {self.capacity}], got {length!r}")
+        self._layer_lengths.copy_(torch.tensor(per_row, dtype=torch.int32))  # [B] into every layer's row
+        self._length_bound = max(per_row)
 
     @property
     def known_empty(self) -> bool:

@@ -17,7 +17,8 @@ import os
 import torch
 
 from did_engine.errors import UserError
-from did_engine.modeling.dit import PRESETS, BlockDiffusionLM
+from did_engine.modeling.config import PRESETS
+from did_engine.modeling.dit import BlockDiffusionLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,13 +29,13 @@ class ModelSpecError(UserError):
 
 def _checked_dir(spec: str) -> str:
     """The directory ``spec`` names (an embedded model's name resolved), or ModelSpecError."""
-    from did_engine.modeling.checkpoint import _resolve_embedded
+    from did_engine.modeling.checkpoint import resolve_embedded
     from did_engine.pretrained import EMBEDDED_MODELS
 
     if not os.path.isdir(spec) and spec not in EMBEDDED_MODELS:
         raise ModelSpecError(f"--model {spec!r} is not a directory, an embedded model "
                              f"({', '.join(EMBEDDED_MODELS)}) or 'preset:NAME'")
-    return _resolve_embedded(spec)
+    return resolve_embedded(spec)
 
 
 def load_model(spec: str, *, device=None, dtype=None, **overrides) -> BlockDiffusionLM:

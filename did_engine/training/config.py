@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from did_engine.diffusion import DEFAULT_EPS, SCHEDULES
 from did_engine.errors import UserError
-from did_engine.modeling.dit import PRESETS
+from did_engine.modeling.config import PRESETS
 from did_engine.parsing import opt, parse_list
 
 
