@@ -2,9 +2,10 @@
 run on, and the FlashAttention error rule.
 
 Devices. Tests that take a ``device`` argument run once per entry of ``DEVICES``: ``cpu``
-and ``cuda`` (ids ``[cpu-...]`` and ``[cuda-...]``, the latter also marked ``cuda``). The
-``cuda`` cases skip, with the reason, where there is no CUDA device or did_engine was built
-without its CUDA kernels.
+and ``cuda`` (ids ``[cpu-...]`` and ``[cuda-...]``, the latter also marked ``cuda``, so
+``-m cuda`` selects them and ``-m "not cuda"`` leaves them out). The ``cuda`` cases skip,
+with the reason, where there is no CUDA device or did_engine was built without its CUDA
+kernels (tests/ops/test_cuda_compile.py still checks that the CUDA sources compile).
 
 Dry run without a GPU: ``DID_ENGINE_CUDA_TESTS_DEVICE=cpu pytest tests/ops -m cuda`` runs
 the ``cuda`` cases on the CPU kernels. That checks the tests themselves (valid arguments,
@@ -46,8 +47,7 @@ def _cuda_skip_reason() -> str | None:
     if not ON_CUDA:
         return None  # the dry run on the CPU kernels
     if not torch.cuda.is_available():
-        return ("no CUDA device (or a CPU build of torch): the CUDA kernels cannot run here; "
-                "tests/ops/test_cuda_compile.py still checks that they compile")
+        return "no CUDA device (DID_ENGINE_CUDA_TESTS_DEVICE=cpu runs these cases on the CPU kernels)"
     missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"did_engine::{op}", "CUDA")]
     if missing:
         return (f"did_engine was built without CUDA kernels for {missing}; rebuild on this machine with "
