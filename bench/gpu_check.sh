@@ -11,7 +11,7 @@
 #   env        device, driver, torch, nvcc, compute-sanitizer
 #   build      pip install --no-build-isolation -e . for sm_90 (DID_ENGINE_CUDA=1); if that
 #              fails, a CPU-only build so that the model-level steps can still run
-#   tests      tests/test_cuda_ops.py and tests/test_flex_mask.py      } run side by side:
+#   tests      the cuda cases of tests/ops, tests/test_flex_mask.py    } run side by side:
 #   memcheck   compute-sanitizer on one small call per kernel           } neither is timed
 #   racecheck  (bench/gpu_sanitize_ops.py)                              }
 #   train      training steps, bf16 autocast, FlexAttention vs SDPA (bench/gpu_train_steps.py)
@@ -142,7 +142,9 @@ if [[ "$DRY" == 1 ]]; then
   skip memcheck "dry run: no GPU (the calls themselves run on the CPU kernels in step sanitize-calls)"
   skip racecheck "dry run: no GPU"
   run_step sanitize-calls 60 "$PY bench/gpu_sanitize_ops.py --device cpu"
-  run_step tests 150 "$PY -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_flex_mask.py -m 'not slow'"
+  # The cuda cases of tests/ops on the CPU kernels (tests/ops/cases.py): checks the tests themselves.
+  run_step tests 150 "DID_ENGINE_CUDA_TESTS_DEVICE=cpu $PY -m pytest -q -p no:cacheprovider tests/ops -m 'cuda and not slow'; a=\$?
+    $PY -m pytest -q -p no:cacheprovider tests/test_flex_mask.py -m 'not slow'; b=\$?; exit \$(( a || b ))"
 else
   if [[ -n "$SANITIZER" && "$(status_of build)" != failed ]]; then
     { sanitize memcheck; sanitize racecheck; } > "$LOGS/sanitizers.out" 2>&1 &
@@ -152,7 +154,8 @@ else
     skip racecheck "$([[ -z "$SANITIZER" ]] && echo 'compute-sanitizer not found' || echo 'needs the CUDA build')"
     SANITIZE_PID=
   fi
-  run_step tests 200 "$PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda_ops.py tests/test_flex_mask.py -m 'not slow or cuda'"
+  run_step tests 200 "$PY -m pytest -q -p no:cacheprovider -rs tests/ops -m cuda; a=\$?
+    $PY -m pytest -q -p no:cacheprovider -rs tests/test_flex_mask.py -m 'not slow or cuda'; b=\$?; exit \$(( a || b ))"
   if [[ -n "$SANITIZE_PID" ]]; then
     say "waiting for the sanitizers"
     wait "$SANITIZE_PID"

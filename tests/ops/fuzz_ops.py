@@ -14,10 +14,10 @@ and sorts the outcome:
     hang      the call took longer than the per-call limit
 
 Specs come from ``draw_spec(draw)``, where ``draw`` is either hypothesis (the test suite,
-tests/test_ops_fuzz.py) or a seeded ``random.Random`` (this script). Run it standalone:
+tests/ops/test_fuzz.py) or a seeded ``random.Random`` (this script). Run it standalone:
 
-    python tests/fuzz_ops.py --calls 10000            # prints the figures
-    python tests/fuzz_ops.py --spec '{"op": ...}'     # replays one spec in-process
+    python tests/ops/fuzz_ops.py --calls 10000            # prints the figures
+    python tests/ops/fuzz_ops.py --spec '{"op": ...}'     # replays one spec in-process
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def classify(spec):
     from did_engine.ops import reference as ref
 
     op = spec["op"]
-    # Self-test specs of the harness (tests/test_ops_fuzz.py).
+    # Self-test specs of the harness (tests/ops/test_fuzz.py).
     if op == "__crash__":
         os.kill(os.getpid(), signal.SIGSEGV)
     if op == "__hang__":

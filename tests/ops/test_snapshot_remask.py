@@ -1,76 +1,32 @@
-"""snapshot_remask (CPU kernel) against the pure-PyTorch reference.
+"""snapshot_remask against the pure-PyTorch reference, on every device (tests/ops/cases.py
+says which and how to dry-run the CUDA cases on the CPU).
 
 Every check compares the kernel's tokens, confidence and indices with
-``reference_snapshot_remask`` run on clones of the same inputs; the kernel is never its
+``reference_snapshot_remask`` run on CPU clones of the same inputs; the kernel is never its
 own oracle. Inputs are random (never all-zero), with tie-heavy variants, prompt prefixes,
-NaN/inf, odd sizes and non-contiguous layouts.
+NaN/inf, odd sizes and non-contiguous layouts. A case draws the same inputs on every
+device, so bit-equality with the reference on each also makes the CUDA and CPU kernels
+agree.
+
+Tests without a ``device`` argument check the CPU kernel and the wrapper: semantics spelled
+out, layouts, refused calls, fuzzing. The CUDA kernel's own behaviour (out-of-range counts
+clamped, not refused) is in test_cuda_only.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bad_args_builder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import did_engine  # noqa: F401  (registers torch.ops.did_engine)
 from did_engine.ops import snapshot_remask
 from did_engine.ops.reference import reference_snapshot_remask
 
+from .cases import (CONFIDENCE_PATTERNS, DEVICES, MASK_ID, VOCAB, bad_args_builder, make_confidence, make_eligible,
+                    random_counts, remask_inputs)
+
 OP = torch.ops.did_engine.snapshot_remask.default
-MASK_ID = 50_000  # outside the range of the random tokens, so every write is visible
-VOCAB = 1000
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers
-
-
-def make_confidence(B, S, pattern, gen):
-    """float32 [B, S] confidences. pattern: rand | ties | special | narrow."""
-    if pattern == "rand":
-        return torch.rand(B, S, generator=gen) + 1e-3
-    if pattern == "ties":  # a handful of values: many exact ties
-        levels = torch.tensor([0.125, 0.25, 0.5, 0.75])
-        return levels[torch.randint(0, len(levels), (B, S), generator=gen)]
-    if pattern == "special":  # NaN, +-inf, +-0.0, negatives and ordinary values mixed
-        levels = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -1.5, 0.3, 0.3, 2.0])
-        conf = levels[torch.randint(0, len(levels), (B, S), generator=gen)]
-        ordinary = torch.rand(B, S, generator=gen) < 0.3
-        return torch.where(ordinary, torch.randn(B, S, generator=gen), conf)
-    if pattern == "narrow":  # softmax-like: everything in a thin band below 1
-        return 1.0 - 1e-3 * torch.rand(B, S, generator=gen)
-    raise ValueError(pattern)
-
-
-def make_eligible(B, S, gen, holes=True):
-    """bool [B, S]: a prompt prefix of random length per row is never eligible; optionally
-    some random holes after it (positions already final)."""
-    prompt = torch.randint(0, S // 2 + 1, (B,), generator=gen)
-    eligible = torch.arange(S)[None, :] >= prompt[:, None]
-    if holes:
-        eligible &= torch.rand(B, S, generator=gen) > 0.2
-    return eligible
-
-
-def random_counts(eligible, gen, dtype=torch.int64):
-    """Per-row counts in [0, eligible count], with row 0 at 0 and the last row at its full
-    eligible count whenever there are two rows or more."""
-    avail = eligible.sum(1)
-    counts = (torch.rand(eligible.shape[0], generator=gen) * (avail + 1)).long().clamp(max=avail)
-    if eligible.shape[0] >= 2:
-        counts[0] = 0
-        counts[-1] = avail[-1]
-    return counts.to(dtype)
-
-
-def make_case(B, S, pattern="rand", seed=0, holes=True):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (B, S), generator=gen)
-    confidence = make_confidence(B, S, pattern, gen)
-    eligible = make_eligible(B, S, gen, holes)
-    return tokens, confidence, eligible, gen
 
 
 def assert_same(actual, expected, what):
@@ -82,61 +38,120 @@ def assert_same(actual, expected, what):
 def run_and_compare(tokens, confidence, num_remask, eligible, mask_id=MASK_ID, reset_value=float("inf"), max_k=None,
                     via_op=False):
     """Run the kernel in place on tokens/confidence and compare with the reference run on
-    clones taken before. Returns the kernel's indices."""
-    ref_tokens, ref_conf, ref_idx = reference_snapshot_remask(tokens.clone(), confidence.clone(), num_remask,
-                                                              eligible, mask_id, reset_value, max_k)
+    CPU clones taken before. Returns the kernel's indices."""
+    cpu = lambda t: t.cpu().clone() if torch.is_tensor(t) else t  # noqa: E731
+    ref_tokens, ref_conf, ref_idx = reference_snapshot_remask(cpu(tokens), cpu(confidence), cpu(num_remask),
+                                                              cpu(eligible), mask_id, reset_value, max_k)
     if via_op:
         idx = OP(tokens, confidence, num_remask, eligible, mask_id, reset_value, max_k)
     else:
         idx = snapshot_remask(tokens, confidence, num_remask, eligible, mask_id, reset_value, max_k)
-    assert_same(idx, ref_idx, "indices")
-    assert_same(tokens, ref_tokens, "tokens")
-    assert_same(confidence, ref_conf, "confidence")
+    assert idx.device == tokens.device
+    assert_same(idx.cpu(), ref_idx, "indices")
+    assert_same(tokens.cpu(), ref_tokens, "tokens")
+    assert_same(confidence.cpu(), ref_conf, "confidence")
     return idx
 
 
 # ---------------------------------------------------------------------------------------
-# Agreement with the reference
+# Agreement with the reference, on every device
 
 
-SHAPES = [(1, 1), (3, 3), (3, 97), (64, 97), (3, 1025), (1, 8192)]
+SHAPES = [(1, 1), (3, 3), (3, 97), (4, 97), (5, 97), (64, 97), (2, 1025), (3, 1025), (1, 8192), (2, 8192), (1, 10000)]
 
 
+@pytest.mark.parametrize("count_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("pattern", CONFIDENCE_PATTERNS)
 @pytest.mark.parametrize("B,S", SHAPES)
-@pytest.mark.parametrize("pattern", ["rand", "ties", "special", "narrow"])
-def test_matches_reference_per_row_counts(B, S, pattern):
-    tokens, confidence, eligible, gen = make_case(B, S, pattern, seed=B * 7919 + S)
-    counts = random_counts(eligible, gen)
-    run_and_compare(tokens, confidence, counts, eligible)
-
-
-@pytest.mark.parametrize("B,S", [(3, 97), (3, 1025)])
-@pytest.mark.parametrize("count_dtype", [torch.int32, torch.int64])
-def test_count_dtypes(B, S, count_dtype):
-    tokens, confidence, eligible, gen = make_case(B, S, "ties", seed=S)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_per_row_counts(device, B, S, pattern, count_dtype):
+    tokens, confidence, eligible, gen = remask_inputs(B, S, pattern, seed=B * 7919 + S, device=device)
     counts = random_counts(eligible, gen, count_dtype)
     run_and_compare(tokens, confidence, counts, eligible)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampler_shape(device):
+    # The DiD refine step and the benchmark shape: B = 64 rows of 1024, a quarter (256)
+    # remasked each, max_k fixed in advance.
+    tokens, confidence, eligible, _ = remask_inputs(64, 1024, "rand", seed=5, holes=False, device=device)
+    num_remask = torch.full((64,), 256, device=device)
+    run_and_compare(tokens, confidence, num_remask, eligible, max_k=256)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_counts(device):
+    tokens, confidence, eligible, _ = remask_inputs(4, 50, "ties", seed=3, device=device)
+    eligible[1] = False
+    eligible[2] = True
+    counts = torch.tensor([0, 0, 50, int(eligible[3].sum())], device=device)
+    run_and_compare(tokens, confidence, counts, eligible, max_k=50, reset_value=-1.5, mask_id=7)  # max_k = S
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_width_and_empty_batch(device):
+    tokens, confidence, eligible, _ = remask_inputs(3, 10, device=device)
+    run_and_compare(tokens, confidence, torch.zeros(3, dtype=torch.long, device=device), eligible, max_k=0)
+    tokens, confidence, eligible, _ = remask_inputs(0, 10, device=device)
+    run_and_compare(tokens, confidence, torch.zeros(0, dtype=torch.long, device=device), eligible, max_k=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous(device):
+    B, S = 4, 300
+    gen = torch.Generator().manual_seed(37)
+    tokens = torch.randint(0, VOCAB, (S, B), generator=gen).to(device).t()
+    confidence = make_confidence(S, B, "rand", gen).to(device).t()
+    eligible = (torch.rand(B, 2 * S, generator=gen) < 0.7).to(device)[:, ::2]
+    assert not any(t.is_contiguous() for t in (tokens, confidence, eligible))
+    counts = torch.tensor([0, 5, 100, 17], dtype=torch.int32, device=device)
+    run_and_compare(tokens, confidence, counts, eligible, max_k=120)
+
+
+def opcheck_samples(device):
+    samples = {}
+    tokens, confidence, eligible, gen = remask_inputs(3, 97, "rand", seed=47, device=device)
+    samples["rand"] = (tokens, confidence, random_counts(eligible, gen), eligible, MASK_ID, float("inf"), 97)
+    tokens, confidence, eligible, gen = remask_inputs(4, 33, "ties", seed=53, device=device)
+    counts = random_counts(eligible, gen, torch.int32)
+    samples["ties-int32"] = (tokens, confidence, counts, eligible, 7, -1.0, int(counts.max()) + 2)
+    tokens, confidence, eligible, gen = remask_inputs(3, 97, "ties", seed=54, device=device)
+    counts = random_counts(eligible, gen)
+    samples["ties-tight"] = (tokens, confidence, counts, eligible, 5, 2.0, int(counts.max()))
+    tokens, confidence, eligible, gen = remask_inputs(2, 50, "special", seed=59, device=device)
+    samples["strided-zero"] = (tokens[:, ::2], confidence[:, 1::2], torch.zeros(2, dtype=torch.int64, device=device),
+                               eligible[:, ::2], 3, 0.0, 0)
+    tokens, confidence, eligible, gen = remask_inputs(1, 1025, "narrow", seed=61, holes=False, device=device)
+    samples["narrow-all"] = (tokens, confidence, eligible.sum(1), eligible, 1, float("inf"), 1025)
+    return samples
+
+
+OPCHECK_SAMPLES = list(opcheck_samples("cpu"))
+
+
+@pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, sample):
+    # Schema (mutations declared), fake kernel, autograd registration, aot dispatch.
+    torch.library.opcheck(OP, opcheck_samples(device)[sample])
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU kernel and the wrapper
 
 
 @pytest.mark.parametrize("B,S", [(1, 1), (3, 97), (64, 97), (3, 1025), (1, 8192)])
 @pytest.mark.parametrize("pattern", ["rand", "ties"])
 def test_int_count(B, S, pattern):
-    tokens, confidence, eligible, gen = make_case(B, S, pattern, seed=S + 1)
+    tokens, confidence, eligible, gen = remask_inputs(B, S, pattern, seed=S + 1)
     k = int(eligible.sum(1).min()) * 2 // 3
     idx = run_and_compare(tokens, confidence, k, eligible)
     assert idx.shape == (B, k)
 
 
-def test_large_batch_moderate_rows():
-    # The benchmark shape (B=64, S=1024) with a quarter of each row remasked.
-    tokens, confidence, eligible, gen = make_case(64, 1024, "rand", seed=5, holes=False)
-    k = int(eligible.sum(1).min()) // 4
-    run_and_compare(tokens, confidence, k, eligible)
-
-
 @pytest.mark.parametrize("B,S", [(1, 1), (3, 97), (3, 1025), (1, 8192)])
 def test_zero_count(B, S):
-    tokens, confidence, eligible, _ = make_case(B, S, "rand", seed=11)
+    tokens, confidence, eligible, _ = remask_inputs(B, S, "rand", seed=11)
     before = tokens.clone(), confidence.clone()
     idx = run_and_compare(tokens, confidence, 0, eligible)
     assert idx.shape == (B, 0)
@@ -149,7 +164,7 @@ def test_zero_count(B, S):
 @pytest.mark.parametrize("B,S", [(1, 1), (3, 97), (3, 1025), (1, 8192)])
 @pytest.mark.parametrize("pattern", ["rand", "special"])
 def test_count_equal_to_eligible_count(B, S, pattern):
-    tokens, confidence, eligible, _ = make_case(B, S, pattern, seed=13)
+    tokens, confidence, eligible, _ = remask_inputs(B, S, pattern, seed=13)
     eligible[:, -1] = True  # at least one eligible position per row
     counts = eligible.sum(1)
     idx = run_and_compare(tokens, confidence, counts, eligible)
@@ -159,14 +174,14 @@ def test_count_equal_to_eligible_count(B, S, pattern):
 
 
 def test_all_eligible_full_count():
-    tokens, confidence, _, _ = make_case(3, 97, "ties", seed=17)
+    tokens, confidence, _, _ = remask_inputs(3, 97, "ties", seed=17)
     eligible = torch.ones(3, 97, dtype=torch.bool)
     idx = run_and_compare(tokens, confidence, 97, eligible)
     assert torch.equal(idx, torch.arange(97).expand(3, 97))
 
 
 def test_explicit_max_k_pads_with_minus_one():
-    tokens, confidence, eligible, gen = make_case(3, 97, "rand", seed=19)
+    tokens, confidence, eligible, gen = remask_inputs(3, 97, "rand", seed=19)
     eligible[:, 50:] = True
     counts = torch.tensor([0, 7, 20])
     idx = run_and_compare(tokens, confidence, counts, eligible, max_k=40)
@@ -177,7 +192,7 @@ def test_explicit_max_k_pads_with_minus_one():
 
 
 def test_reset_value_and_mask_id_are_written():
-    tokens, confidence, eligible, gen = make_case(3, 97, "rand", seed=23)
+    tokens, confidence, eligible, gen = remask_inputs(3, 97, "rand", seed=23)
     eligible[:, -10:] = True
     run_and_compare(tokens, confidence, 4, eligible, mask_id=0, reset_value=-2.5)
     run_and_compare(tokens, confidence, 4, eligible, mask_id=2**40, reset_value=float("nan"))
@@ -190,7 +205,7 @@ def test_reset_value_and_mask_id_are_written():
 def test_prompt_positions_never_touched():
     # The prompt holds the row's lowest confidences (even -inf): it must still be skipped.
     B, S = 4, 64
-    tokens, confidence, _, gen = make_case(B, S, "rand", seed=29)
+    tokens, confidence, _, gen = remask_inputs(B, S, "rand", seed=29)
     prompt = torch.tensor([0, 5, 31, 60])
     eligible = torch.arange(S)[None, :] >= prompt[:, None]
     confidence[~eligible] = float("-inf")
@@ -235,7 +250,7 @@ def test_nan_ranks_last_and_infinities_order():
 
 @pytest.mark.parametrize("B,S", [(3, 97), (3, 1025)])
 def test_all_nan_rows(B, S):
-    tokens, confidence, eligible, gen = make_case(B, S, "rand", seed=31)
+    tokens, confidence, eligible, gen = remask_inputs(B, S, "rand", seed=31)
     confidence[:] = float("nan")
     run_and_compare(tokens, confidence, random_counts(eligible, gen), eligible)
 
@@ -291,35 +306,11 @@ def test_row_slices_and_expanded_eligible():
 
 
 # ---------------------------------------------------------------------------------------
-# opcheck: schema (mutations declared), fake kernel, autograd registration, aot dispatch
-
-
-def opcheck_samples():
-    samples = []
-    tokens, confidence, eligible, gen = make_case(3, 97, "rand", seed=47)
-    samples.append((tokens, confidence, random_counts(eligible, gen), eligible, MASK_ID, float("inf"), 97))
-    tokens, confidence, eligible, gen = make_case(4, 33, "ties", seed=53)
-    counts = random_counts(eligible, gen, torch.int32)
-    samples.append((tokens, confidence, counts, eligible, 7, -1.0, int(counts.max()) + 2))
-    tokens, confidence, eligible, gen = make_case(2, 50, "special", seed=59)
-    samples.append((tokens[:, ::2], confidence[:, 1::2], torch.zeros(2, dtype=torch.int64), eligible[:, ::2], 3, 0.0, 0))
-    tokens, confidence, eligible, gen = make_case(1, 1025, "narrow", seed=61, holes=False)
-    samples.append((tokens, confidence, eligible.sum(1), eligible, 1, float("inf"), 1025))
-    return samples
-
-
-@pytest.mark.parametrize("sample", range(4))
-def test_opcheck(sample):
-    args = opcheck_samples()[sample]
-    torch.library.opcheck(OP, args)
-
-
-# ---------------------------------------------------------------------------------------
 # Refused calls: ValueError naming the argument, and nothing written
 
 
 def valid_args():
-    tokens, confidence, eligible, gen = make_case(3, 20, "rand", seed=67, holes=False)
+    tokens, confidence, eligible, gen = remask_inputs(3, 20, "rand", seed=67, holes=False)
     eligible[:, :4] = False  # 16 eligible per row
     return dict(tokens=tokens, confidence=confidence, num_remask=torch.tensor([2, 3, 4]), eligible=eligible,
                 mask_id=MASK_ID, reset_value=float("inf"), max_k=4)

@@ -1,131 +1,140 @@
-"""kv_commit (CPU kernel) against the pure-PyTorch reference.
+"""kv_commit against the pure-PyTorch reference, on every device (tests/ops/cases.py says
+which and how to dry-run the CUDA cases on the CPU).
 
 The kernel writes the caches and advances cache_lens in place; each check compares the
 results with ``reference_kv_commit`` run on the same inputs (the reference clones). Caches
 start random (never zeros), so a copy to the wrong place or a missing copy shows.
+
+Tests without a ``device`` argument check the CPU kernel and the wrapper: refused calls,
+aliasing, fuzzing. The CUDA kernel's own behaviour (rows that would overflow are skipped,
+not refused) is in test_cuda_only.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bad_args_builder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import did_engine  # noqa: F401  (registers torch.ops.did_engine)
 from did_engine.ops import kv_commit
 from did_engine.ops.reference import reference_kv_commit
 
+from .cases import DEVICES, DTYPES, bad_args_builder, check_commit, commit_inputs, rand, shape_id
+
 OP = torch.ops.did_engine.kv_commit.default
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # ---------------------------------------------------------------------------------------
-# Helpers
+# Agreement with the reference, on every device
 
 
-def rand(shape, dtype, gen):
-    return torch.randn(shape, generator=gen).to(dtype)
-
-
-def make_case(B, S_max, H_kv, D, n, dtype=torch.float32, seed=0, lens=None):
-    gen = torch.Generator().manual_seed(seed)
-    k_cache = rand((B, S_max, H_kv, D), dtype, gen)
-    v_cache = rand((B, S_max, H_kv, D), dtype, gen)
-    k_block = rand((B, n, H_kv, D), dtype, gen)
-    v_block = rand((B, n, H_kv, D), dtype, gen)
-    if lens is None:
-        lens = torch.randint(0, S_max - n + 1, (B,), generator=gen)
-        lens[0] = 0
-        lens[-1] = S_max - n  # the last slot that fits
-    cache_lens = torch.as_tensor(lens, dtype=torch.int32).clone()
-    return k_cache, v_cache, k_block, v_block, cache_lens
-
-
-def run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens, via_op=False):
-    ref_k, ref_v, ref_lens = reference_kv_commit(k_cache, v_cache, k_block, v_block, cache_lens)
-    lens_obj = cache_lens
-    (OP if via_op else kv_commit)(k_cache, v_cache, k_block, v_block, cache_lens)
-    assert cache_lens is lens_obj
-    assert torch.equal(cache_lens, ref_lens), (cache_lens, ref_lens)
-    # Copies are exact in every dtype.
-    assert torch.equal(k_cache, ref_k)
-    assert torch.equal(v_cache, ref_v)
-
-
-# ---------------------------------------------------------------------------------------
-# Agreement with the reference
-
-
-SHAPES = [  # (B, S_max, H_kv, D, n)
-    (1, 1, 1, 1, 1),  # n == S_max == 1
-    (3, 17, 2, 5, 4),
-    (4, 33, 1, 64, 1),  # n = 1, MQA-like single kv head
-    (2, 33, 3, 7, 33),  # n == S_max: every row at length 0
-    (5, 97, 8, 16, 16),  # several kv heads (GQA caches)
-    (64, 40, 2, 3, 8),  # many rows: parallel copy
+SHAPES = [  # (B, S_max, H_kv, D, n, cache_lens or None: random, first 0, last S_max - n)
+    (1, 1, 1, 1, 1, None),  # n == S_max == 1
+    (3, 17, 2, 5, 4, None),
+    (4, 33, 1, 64, 1, None),  # n = 1, MQA-like single kv head
+    (2, 33, 3, 7, 33, None),  # n == S_max: every row at length 0
+    (5, 97, 8, 16, 16, None),  # several kv heads (GQA caches)
+    (64, 40, 2, 3, 8, None),  # many rows: parallel copy
+    (3, 97, 12, 64, 4, [0, 50, 93]),
+    (2, 1025, 4, 80, 16, [1009, 3]),
+    (2, 7, 2, 3, 3, [4, 1]),
 ]
 
 
-@pytest.mark.parametrize("B,S_max,H_kv,D,n", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_reference(B, S_max, H_kv, D, n, dtype):
-    run_and_compare(*make_case(B, S_max, H_kv, D, n, dtype, seed=B * 31 + S_max))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id("B{}S{}Hkv{}D{}n{}"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference(device, shape, dtype):
+    B, S_max, H_kv, D, n, lens = shape
+    check_commit(*commit_inputs(B, S_max, H_kv, D, n, dtype, device, seed=B * 31 + S_max, lens=lens))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_unaligned(device, dtype):
+    B, n, H_kv, D, S_max = 3, 4, 2, 24, 40
+
+    def randn(*shape):  # drawn on the CPU, moved before the views are taken
+        return torch.randn(*shape, dtype=dtype).to(device)
+
+    # Caches: unaligned views of wider buffers (head_dim contiguous, as required).
+    k_cache = randn(B, S_max, H_kv, D + 3)[..., 1 : D + 1]
+    v_cache = randn(B, H_kv, S_max, D).transpose(1, 2)
+    k_block = randn(n, B, H_kv, D).transpose(0, 1)
+    v_block = randn(D, B, n, H_kv).permute(1, 2, 3, 0)  # last dim strided
+    cache_lens = torch.tensor([0, 0, 36, 0, 17], dtype=torch.int32, device=device)[::2]
+    check_commit(k_cache, v_cache, k_block, v_block, cache_lens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_block_and_batch(device):
+    check_commit(*commit_inputs(3, 8, 2, 4, 0, device=device, seed=7, lens=[0, 4, 8]))
+    check_commit(*commit_inputs(0, 5, 2, 8, 3, device=device, lens=[]))
+
+
+OPCHECK_SAMPLES = {  # commit_inputs arguments
+    "f32": (3, 17, 2, 5, 4, torch.float32, 14),
+    "bf16-full": (2, 9, 1, 8, 9, torch.bfloat16, 15),
+    "bf16-D64": (2, 20, 3, 64, 4, torch.bfloat16, 16),
+}
+
+
+@pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, sample):
+    *dims, dtype, seed = OPCHECK_SAMPLES[sample]
+    torch.library.opcheck(OP, commit_inputs(*dims, dtype, device, seed=seed))
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU kernel and the wrapper
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_op_direct_and_consecutive_commits(dtype):
     # Three blocks in a row: each lands after the previous one.
-    k_cache, v_cache, _, _, cache_lens = make_case(3, 30, 2, 4, 5, dtype, seed=3, lens=[0, 7, 13])
+    k_cache, v_cache, _, _, cache_lens = commit_inputs(3, 30, 2, 4, 5, dtype, seed=3, lens=[0, 7, 13])
     gen = torch.Generator().manual_seed(4)
     for step in range(3):
         k_block, v_block = rand((3, 5, 2, 4), dtype, gen), rand((3, 5, 2, 4), dtype, gen)
-        run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens, via_op=step % 2 == 0)
+        check_commit(k_cache, v_cache, k_block, v_block, cache_lens, via_op=step % 2 == 0)
     assert cache_lens.tolist() == [15, 22, 28]
 
 
 def test_lengths_at_both_ends():
     B, S_max, n = 4, 12, 5
-    run_and_compare(*make_case(B, S_max, 2, 3, n, seed=5, lens=[0, S_max - n, 0, S_max - n]))
+    check_commit(*commit_inputs(B, S_max, 2, 3, n, seed=5, lens=[0, S_max - n, 0, S_max - n]))
 
 
 def test_empty_dims_still_advance_lengths():
     # D == 0 or H_kv == 0: nothing to copy, but each row's length still grows by n.
     for shape in [(2, 8, 0, 4), (2, 8, 3, 0)]:
         B, S_max, H_kv, D = shape
-        run_and_compare(*make_case(B, S_max, H_kv, D, 3, seed=6, lens=[1, 5]))
+        check_commit(*commit_inputs(B, S_max, H_kv, D, 3, seed=6, lens=[1, 5]))
 
 
-def test_empty_block():
-    run_and_compare(*make_case(3, 8, 2, 4, 0, seed=7, lens=[0, 4, 8]))
-
-
-# ---------------------------------------------------------------------------------------
-# Layouts
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_blocks(dtype):
     B, S_max, H_kv, D, n = 3, 20, 4, 6, 5
-    k_cache, v_cache, _, _, cache_lens = make_case(B, S_max, H_kv, D, n, dtype, seed=8)
+    k_cache, v_cache, _, _, cache_lens = commit_inputs(B, S_max, H_kv, D, n, dtype, seed=8)
     gen = torch.Generator().manual_seed(9)
     # k_block: every other head of a wider tensor; v_block: [B, H, n, D] storage permuted.
     k_block = rand((B, n, 2 * H_kv, D), dtype, gen)[:, :, ::2]
     v_block = rand((B, H_kv, n, D), dtype, gen).permute(0, 2, 1, 3)
     assert not k_block.is_contiguous() and not v_block.is_contiguous()
-    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+    check_commit(k_cache, v_cache, k_block, v_block, cache_lens)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_blocks_with_strided_last_dim(dtype):
     B, S_max, H_kv, D, n = 2, 9, 2, 5, 3
-    k_cache, v_cache, _, _, cache_lens = make_case(B, S_max, H_kv, D, n, dtype, seed=10)
+    k_cache, v_cache, _, _, cache_lens = commit_inputs(B, S_max, H_kv, D, n, dtype, seed=10)
     gen = torch.Generator().manual_seed(11)
     k_block = rand((B, n, H_kv, 2 * D), dtype, gen)[..., ::2]
     v_block = rand((B, n, H_kv, D, 3), dtype, gen)[..., 1]
     assert k_block.stride(-1) != 1 and v_block.stride(-1) != 1
-    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+    check_commit(k_cache, v_cache, k_block, v_block, cache_lens)
 
 
 def test_caches_as_views_of_one_buffer():
@@ -143,30 +152,19 @@ def test_caches_as_views_of_one_buffer():
 
 
 def test_strided_cache_lens():
-    k_cache, v_cache, k_block, v_block, _ = make_case(3, 10, 1, 4, 2, seed=13)
+    k_cache, v_cache, k_block, v_block, _ = commit_inputs(3, 10, 1, 4, 2, seed=13)
     lens_buffer = torch.tensor([4, -7, 0, -7, 8, -7], dtype=torch.int32)
     cache_lens = lens_buffer[::2]
-    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+    check_commit(k_cache, v_cache, k_block, v_block, cache_lens)
     assert lens_buffer.tolist() == [6, -7, 2, -7, 10, -7]
 
 
-# ---------------------------------------------------------------------------------------
-# opcheck
-
-
-def opcheck_samples():
-    samples = [make_case(3, 17, 2, 5, 4, torch.float32, seed=14), make_case(2, 9, 1, 8, 9, torch.bfloat16, seed=15)]
-    k_cache, v_cache, _, _, cache_lens = make_case(2, 12, 3, 4, 3, torch.float16, seed=16)
+def test_opcheck_strided_blocks():
+    k_cache, v_cache, _, _, cache_lens = commit_inputs(2, 12, 3, 4, 3, torch.float16, seed=16)
     gen = torch.Generator().manual_seed(17)
     k_block = rand((2, 3, 6, 4), torch.float16, gen)[:, :, 1::2]
     v_block = rand((2, 4, 3, 3), torch.float16, gen).permute(0, 2, 3, 1)  # [2, 3, 3, 4], last dim strided
-    samples.append((k_cache, v_cache, k_block, v_block, cache_lens))
-    return samples
-
-
-@pytest.mark.parametrize("sample", range(3))
-def test_opcheck(sample):
-    torch.library.opcheck(OP, opcheck_samples()[sample])
+    torch.library.opcheck(OP, (k_cache, v_cache, k_block, v_block, cache_lens))
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +173,7 @@ def test_opcheck(sample):
 
 def valid_args():
     return dict(zip(["k_cache", "v_cache", "k_block", "v_block", "cache_lens"],
-                    make_case(3, 12, 2, 4, 3, torch.float32, seed=18, lens=[0, 4, 9])))
+                    commit_inputs(3, 12, 2, 4, 3, torch.float32, seed=18, lens=[0, 4, 9])))
 
 
 bad = bad_args_builder(valid_args)
@@ -277,7 +275,7 @@ def test_cpu_kernel_refuses_other_device(name):
 )
 def test_fuzz_against_reference(B, S_max, H_kv, D, n_frac, dtype, block_layout, seed):
     n = max(1, round(n_frac * S_max))
-    k_cache, v_cache, k_block, v_block, cache_lens = make_case(B, S_max, H_kv, D, n, dtype, seed=seed)
+    k_cache, v_cache, k_block, v_block, cache_lens = commit_inputs(B, S_max, H_kv, D, n, dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     if block_layout == "head_slice":
         k_block = rand((B, n, 2 * H_kv, D), dtype, gen)[:, :, 1::2]
@@ -285,7 +283,7 @@ def test_fuzz_against_reference(B, S_max, H_kv, D, n_frac, dtype, block_layout, 
         v_block = rand((B, H_kv, n, D), dtype, gen).transpose(1, 2)
     elif block_layout == "strided_last":
         k_block = rand((B, n, H_kv, 2 * D), dtype, gen)[..., ::2]
-    run_and_compare(k_cache, v_cache, k_block, v_block, cache_lens)
+    check_commit(k_cache, v_cache, k_block, v_block, cache_lens)
 
 
 # ---------------------------------------------------------------------------------------

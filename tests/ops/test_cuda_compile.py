@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 from did_engine.ops import OPS  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 import did_engine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from did_engine.ops import OPS  # noqa: E402
 
 

@@ -1,10 +1,10 @@
 """Fuzzing every op's arguments (ranks, dtypes, strides, sizes, value ranges, scalar types).
 
-Hypothesis draws call specs (tests/fuzz_ops.py); each call runs in a worker process with a
+Hypothesis draws call specs (tests/ops/fuzz_ops.py); each call runs in a worker process with a
 per-call time limit, so a crash or a hang fails the test (with the spec to replay) instead
 of killing pytest. Every call must either succeed and match the reference or raise
 ValueError/RuntimeError naming an argument. The standalone run with many more calls is
-``python tests/fuzz_ops.py --calls 10000``.
+``python tests/ops/fuzz_ops.py --calls 10000``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from fuzz_ops import OPS, Worker, draw_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from .fuzz_ops import OPS, Worker, draw_spec
 
 
 class HypothesisDraw:
@@ -47,7 +48,7 @@ def worker():
 def test_fuzz_op_arguments(op, worker, data):
     spec = draw_spec(HypothesisDraw(data, only_op=op))
     outcome, detail = worker.run(spec)
-    assert outcome == "ok", f"{outcome}: {detail}\nreplay: python tests/fuzz_ops.py --spec '{json.dumps(spec)}'"
+    assert outcome == "ok", f"{outcome}: {detail}\nreplay: python tests/ops/fuzz_ops.py --spec '{json.dumps(spec)}'"
 
 
 def test_harness_reports_crash_and_hang(tmp_path):

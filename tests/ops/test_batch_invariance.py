@@ -14,7 +14,7 @@ import torch
 
 from did_engine import ops
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+from .cases import DTYPES
 THREADS = [1, 2, 3]
 
 
