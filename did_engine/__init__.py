@@ -21,12 +21,15 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 
 from did_engine import ops  # noqa: E402
 from did_engine._build_info import build_info  # noqa: E402
+from did_engine.hf_loading import load_model  # noqa: E402
 from did_engine.kv_cache import BlockKVCache  # noqa: E402
+from did_engine.llama import LlamaBlockConfig, LlamaBlockDiffusionLM  # noqa: E402
 from did_engine.model import BlockDiffusionLM, ModelConfig  # noqa: E402
 from did_engine.sampler import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
 
 __all__ = [
     "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
+    "LlamaBlockDiffusionLM", "LlamaBlockConfig", "load_model",
     "DiDSampler", "SamplerConfig", "RefineStage", "GenerationResult", "generate",
     "TrainConfig", "evaluate_nelbo",
 ]

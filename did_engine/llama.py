@@ -63,6 +63,8 @@ from did_engine.model import (
     MAX_VOCAB_SIZE,
     MAX_WEIGHT_ELEMENTS,
     MAX_WIDTH,
+    BlockDiffusionLM,
+    ModelConfig,
     _at_least_float32,
     apply_rotary,
     block_diffusion_mask,
@@ -111,24 +113,14 @@ class LlamaBlockConfig:
 
     @classmethod
     def from_dict(cls, d: dict, unknown: str = "error") -> "LlamaBlockConfig":
-        """Build from a dict of fields; keys that are not fields are refused (``unknown="error"``:
-        a misspelt field would silently take its default) or kept in ``extra``."""
-        if not isinstance(d, dict):
-            raise UserError(f"a model config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        others = sorted(k for k in d if k not in known)
-        if others and unknown == "error":
-            raise UserError(f"unknown model config keys {', '.join(map(repr, others))}; "
-                            f"the fields are {', '.join(sorted(known - {'extra'}))}")
+        """Build from a dict of fields, as ModelConfig.from_dict: keys that are not fields are
+        refused (``unknown="error"``: a misspelt field would silently take its default) or
+        kept in ``extra``; fields without a default must be there."""
         missing = sorted(f.name for f in fields(cls)
                          if f.default is MISSING and f.default_factory is MISSING and f.name not in d)
-        if missing:
+        if isinstance(d, dict) and missing:
             raise UserError(f"model config lacks {', '.join(missing)}")
-        extra = d.get("extra", {})
-        if not isinstance(extra, dict):
-            raise UserError(f"model config 'extra' must be an object, got {type(extra).__name__}")
-        extra = {**extra, **{k: d[k] for k in others}}
-        return cls(**{k: v for k, v in d.items() if k in known and k != "extra"}, extra=extra)
+        return ModelConfig.from_dict.__func__(cls, d, unknown)
 
 
 def _is_int(v) -> bool:
@@ -429,15 +421,11 @@ class LlamaBlockDiffusionLM(nn.Module):
         if self.config.logit_shift:
             self._last_hidden(cache).copy_(hidden[:, -1])
 
-    def _check_tokens(self, tokens, name="tokens"):
-        if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be an int64 tensor [B, S], got "
-                             f"{tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__}")
-
-    def _check_block(self, block_tokens, cache: BlockKVCache):
-        self._check_tokens(block_tokens, "block_tokens")
-        if block_tokens.shape[0] != cache.batch_size:
-            raise ValueError(f"block_tokens has batch {block_tokens.shape[0]} but the cache has {cache.batch_size}")
+    # The DiT's argument checks: they depend on nothing architectural.
+    _check_tokens = BlockDiffusionLM._check_tokens
+    _check_block = BlockDiffusionLM._check_block
+    _check_forward_args = BlockDiffusionLM._check_forward_args
+    _check_refine_args = BlockDiffusionLM._check_refine_args
 
     def _rotate(self, q, k, cos, sin):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -453,20 +441,10 @@ class LlamaBlockDiffusionLM(nn.Module):
         - ``model(tokens, block_size=b)``: block-causal, no cache.
         - ``model(tokens)``: global bidirectional.
         """
-        self._check_tokens(tokens)
-        B, L = tokens.shape
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if x0 is not None:
-            self._check_tokens(x0, "x0")
-            if x0.shape != tokens.shape:
-                raise ValueError(f"x0 {tuple(x0.shape)} must have x_t's shape {tuple(tokens.shape)}")
-            if block_size is None:
-                raise ValueError("the training forward needs block_size")
-            if logit_positions is not None:
-                raise ValueError("logit_positions is for sampling forwards, not the training forward")
-            if block_size < L:
-                return self._training_forward(tokens, x0, block_size)
+        self._check_forward_args(tokens, x0, block_size, logit_positions)
+        L = tokens.shape[1]
+        if x0 is not None and block_size < L:
+            return self._training_forward(tokens, x0, block_size)
         cos, sin = self.rotary_emb.cos_sin(torch.arange(L, device=tokens.device))
         if block_size is None or block_size >= L:
             def attend(q, k, v):
@@ -648,23 +626,12 @@ class LlamaBlockDiffusionLM(nn.Module):
 
         Returns logits [B, S, V] (S = L or r), or [M, V] at logit_positions ([B, S] bool).
         """
-        self._check_tokens(tokens)
+        self._check_refine_args(tokens, context, positions, write)
         B, L = tokens.shape
-        if context.batch_size != B or context.capacity < L:
-            raise ValueError(f"context must hold batch {B} x {L} tokens, got batch {context.batch_size} x "
-                             f"{context.capacity}")
         shift = self.config.logit_shift
         if positions is None:
-            if write is not None:
-                raise ValueError("write must be a bool tensor of the positions' shape (and comes with positions)")
             rows, where, keep = tokens, torch.arange(L, device=tokens.device)[None], None  # [1, L]
         else:
-            if positions.dim() != 2 or positions.shape[0] != B or positions.dtype != torch.int64:
-                raise ValueError(f"positions must be int64 [B={B}, r], got {tuple(positions.shape)} {positions.dtype}")
-            if positions.numel() and (positions.min() < 0 or positions.max() >= L):
-                raise ValueError(f"positions must lie in [0, {L})")
-            if write is not None and write.shape != positions.shape:
-                raise ValueError("write must be a bool tensor of the positions' shape (and comes with positions)")
             r = positions.shape[1]
             if r == 0:  # nothing to re-run
                 V = self.config.vocab_size

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -449,38 +448,21 @@ def test_config_values_are_checked_before_anything_is_allocated(bad, fragment):
 # -- the sampler runs the model unchanged ---------------------------------------------------
 
 
-class Uncached(torch.nn.Module):
-    """The same model decoding without a cache: a block-causal forward over everything so
-    far (an independent path: no cache, no cached last hidden state, no fused commit)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.mask_id, self.config = model, model.mask_id, model.config
-
-    def new_kv_cache(self, batch_size, max_len=None):
-        return SimpleNamespace(tokens=torch.zeros(batch_size, 0, dtype=torch.int64))
-
-    def decode(self, block, cache):
-        seq = torch.cat([cache.tokens, block], 1)
-        return self.inner(seq, block_size=self.config.block_size)[:, -block.shape[1]:]
-
-    def commit(self, block, cache, block_size=None):
-        cache.tokens = torch.cat([cache.tokens, block], 1)
-
-    def forward(self, tokens, block_size=None):
-        return self.inner(tokens, block_size=block_size)
-
-
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("prompt", [None, [5, 9, 2, 7, 1, 3]])
 def test_sampler_draft_with_the_cache_equals_the_uncached_block_causal_draft(shift, prompt):
+    """The sampler drafts (and refines) with the model unchanged: its cached draft equals a
+    draft from block-causal forwards over everything so far (no cache, no cached last
+    hidden state, no fused commit), with and without a prompt, shift or not."""
+    from test_sampler import UncachedModel
+
     from did_engine.sampler import generate
 
     model = random_ours("qwen3", shift, seed=28, block_size=4)
     kwargs = dict(batch_size=2, length=22, temperature=0, strategy="first_hitting", stages=[(None, 0.3, 3)],
                   prompt=None if prompt is None else torch.tensor(prompt))
     cached = generate(model, generator=torch.Generator().manual_seed(3), **kwargs)
-    uncached = generate(Uncached(model), generator=torch.Generator().manual_seed(3), **kwargs)
+    uncached = generate(UncachedModel(model), generator=torch.Generator().manual_seed(3), **kwargs)
     assert torch.equal(cached.tokens, uncached.tokens) and (cached.tokens != model.mask_id).all()
     same(cached.confidence, uncached.confidence)
     if prompt is not None:
