@@ -188,6 +188,24 @@ def test_training_forward_with_full_block_is_the_global_forward():
         same(model(xt, block_size=15), model(xt))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("shift", [True, False])
+def test_eager_flex_training_forward_equals_the_sdpa_path(shift):
+    """The FlexAttention training path (CUDA's default, here uncompiled) takes grouped K/V
+    heads expanded to the query heads: the same logits as dense-mask SDPA."""
+    model = random_ours("qwen3", shift, seed=29)
+    x0 = tokens_for(model, (2, 21), seed=30)
+    xt = tokens_for(model, (2, 21), seed=30, masked=0.5)
+    with torch.no_grad():
+        model.training_attention = "sdpa"
+        dense = model(xt, x0=x0, block_size=4)
+        assert model.last_training_attention == "sdpa-dense"
+        model.training_attention = "flex-eager"
+        flex = model(xt, x0=x0, block_size=4)
+        assert model.last_training_attention == "flex-eager"
+    same(flex, dense)
+
+
 def test_shift_training_rows_take_the_clean_stream_at_block_starts():
     """With logit shift, the first token of x_t block j is predicted from the clean x_0
     position before it (x_t's own previous block is invisible), so its logits do not depend
