@@ -22,12 +22,15 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 from did_engine import ops  # noqa: E402
 from did_engine._build_info import build_info  # noqa: E402
 from did_engine.modeling import BlockDiffusionLM, BlockKVCache, ModelConfig  # noqa: E402
+from did_engine.modeling.hf_checkpoints import load_model  # noqa: E402
+from did_engine.modeling.llama import LlamaBlockConfig, LlamaBlockDiffusionLM  # noqa: E402
 from did_engine.sampling import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
 from did_engine.diffusion import evaluate_nelbo  # noqa: E402
 from did_engine.training.config import TrainConfig  # noqa: E402
 
 __all__ = [
     "__version__", "build_info", "ops", "BlockDiffusionLM", "ModelConfig", "BlockKVCache",
+    "LlamaBlockDiffusionLM", "LlamaBlockConfig", "load_model",
     "DiDSampler", "SamplerConfig", "RefineStage", "GenerationResult", "generate",
     "TrainConfig", "evaluate_nelbo",
 ]

@@ -100,6 +100,8 @@ def atomic_write_json(path: str, obj) -> None:
 def save_pretrained(model, path) -> None:
     """Write `model` as a did_engine checkpoint directory (config.json + model.safetensors)."""
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    if getattr(model, "checkpoint_class", None):  # classes other than BlockDiffusionLM say which they are
+        config["model_class"] = model.checkpoint_class
     try:  # before any file is written: metadata that JSON cannot hold is the caller's mistake
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -357,6 +359,9 @@ def _model_config(raw, config_path: str, weights: SafetensorsFile):
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{config_path} has format_version {version}; this did_engine reads up to "
                                   f"{FORMAT_VERSION}: upgrade did_engine")
+        if raw.get("model_class", "BlockDiffusionLM") != "BlockDiffusionLM":
+            raise CheckpointError(f"{config_path} holds a {raw['model_class']!r:.80} checkpoint, not a BlockDiffusionLM: "
+                                  "load it with did_engine.load_model")
         fields, source, unknown = raw.get("config"), "did_engine", "error"
         if not isinstance(fields, dict):
             raise CheckpointError(f"{config_path}: 'config' must be an object, got "

@@ -187,18 +187,9 @@ class BlockDiffusionLM(nn.Module):
         - ``model(tokens, block_size=b)``: block-causal, no cache.
         - ``model(tokens)``: global bidirectional.
         """
-        self._check_tokens(tokens)
+        self._check_forward_args(tokens, x0, block_size, logit_positions)
         B, L = tokens.shape
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
         if x0 is not None:
-            self._check_tokens(x0, "x0")
-            if x0.shape != tokens.shape:
-                raise ValueError(f"x0 {tuple(x0.shape)} must have x_t's shape {tuple(tokens.shape)}")
-            if block_size is None:
-                raise ValueError("the training forward needs block_size")
-            if logit_positions is not None:
-                raise ValueError("logit_positions is for sampling forwards, not the training forward")
             if block_size < L:
                 return self._training_forward(tokens, x0, block_size, sigma)
             x0 = None  # B = L: the x_0 half is useless, run a global forward on x_t
@@ -217,6 +208,21 @@ class BlockDiffusionLM(nn.Module):
             def attend(q, k, v):
                 return ops.block_causal_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, block_size)
         return self._run(tokens, sigma, lambda i: attend, logit_positions)
+
+    def _check_forward_args(self, tokens, x0, block_size, logit_positions) -> None:
+        """forward()'s arguments: tokens (and x0) [B, L] ids; the training forward (x0 given)
+        needs block_size and takes no logit_positions."""
+        self._check_tokens(tokens)
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if x0 is not None:
+            self._check_tokens(x0, "x0")
+            if x0.shape != tokens.shape:
+                raise ValueError(f"x0 {tuple(x0.shape)} must have x_t's shape {tuple(tokens.shape)}")
+            if block_size is None:
+                raise ValueError("the training forward needs block_size")
+            if logit_positions is not None:
+                raise ValueError("logit_positions is for sampling forwards, not the training forward")
 
     def _training_forward(self, x_t, x0, block_size, sigma):
         B, L = x_t.shape
@@ -394,24 +400,15 @@ class BlockDiffusionLM(nn.Module):
 
         Returns logits [B, S, V] (S = L or r), or [M, V] at logit_positions ([B, S] bool).
         """
-        self._check_tokens(tokens)
+        self._check_refine_args(tokens, context, positions, write)
         B, L = tokens.shape
-        if context.batch_size != B or context.capacity < L:
-            raise ValueError(f"context must hold batch {B} x {L} tokens, got batch {context.batch_size} x "
-                             f"{context.capacity}")
         if positions is None:
             rows, where = tokens, torch.arange(L, device=tokens.device)[None]  # [1, L]: shared by every row
         else:
-            if positions.dim() != 2 or positions.shape[0] != B or positions.dtype != torch.int64:
-                raise ValueError(f"positions must be int64 [B={B}, r], got {tuple(positions.shape)} {positions.dtype}")
-            if positions.numel() and (positions.min() < 0 or positions.max() >= L):
-                raise ValueError(f"positions must lie in [0, {L})")
             rows, where = tokens.gather(1, positions), positions
             if positions.shape[1] == 0:  # nothing to re-run
                 V = self.config.vocab_size
                 return tokens.new_zeros((0, V) if logit_positions is not None else (B, 0, V), dtype=self.dtype)
-        if write is not None and (positions is None or write.shape != positions.shape):
-            raise ValueError("write must be a bool tensor of the positions' shape (and comes with positions)")
         cos, sin = self.rotary_emb.cos_sin(where)  # [B or 1, S, 1, D/2]
         batch_index = torch.arange(B, device=tokens.device)[:, None].expand_as(where) if positions is not None else None
 
@@ -431,6 +428,22 @@ class BlockDiffusionLM(nn.Module):
         if positions is None:
             context.set_lengths(L)
         return logits
+
+    def _check_refine_args(self, tokens, context: BlockKVCache, positions, write) -> None:
+        """refine_forward()'s arguments: a context of the batch holding >= L tokens; positions
+        int64 [B, r] in [0, L); write a bool mask of the positions' shape."""
+        self._check_tokens(tokens)
+        B, L = tokens.shape
+        if context.batch_size != B or context.capacity < L:
+            raise ValueError(f"context must hold batch {B} x {L} tokens, got batch {context.batch_size} x "
+                             f"{context.capacity}")
+        if positions is not None:
+            if positions.dim() != 2 or positions.shape[0] != B or positions.dtype != torch.int64:
+                raise ValueError(f"positions must be int64 [B={B}, r], got {tuple(positions.shape)} {positions.dtype}")
+            if positions.numel() and (positions.min() < 0 or positions.max() >= L):
+                raise ValueError(f"positions must lie in [0, {L})")
+        if write is not None and (positions is None or write.shape != positions.shape):
+            raise ValueError("write must be a bool tensor of the positions' shape (and comes with positions)")
 
     def _run_without_head(self, tokens, sigma, attend_for_layer):
         # The output layer does not affect any K/V: skip it.
