@@ -11,7 +11,7 @@
 #   env        device, driver, torch, nvcc, compute-sanitizer
 #   build      pip install --no-build-isolation -e . for sm_90 (DID_ENGINE_CUDA=1); if that
 #              fails, a CPU-only build so that the model-level steps can still run
-#   tests      the cuda cases of tests/ops, tests/test_flex_mask.py    } run side by side:
+#   tests      the cuda cases of tests/ops, tests/modeling/test_flex_mask.py    } run side by side:
 #   memcheck   compute-sanitizer on one small call per kernel           } neither is timed
 #   racecheck  (bench/gpu_sanitize_ops.py)                              }
 #   train      training steps, bf16 autocast, FlexAttention vs SDPA (bench/gpu_train_steps.py)
@@ -144,7 +144,7 @@ if [[ "$DRY" == 1 ]]; then
   run_step sanitize-calls 60 "$PY bench/gpu_sanitize_ops.py --device cpu"
   # The cuda cases of tests/ops on the CPU kernels (tests/ops/cases.py): checks the tests themselves.
   run_step tests 150 "DID_ENGINE_CUDA_TESTS_DEVICE=cpu $PY -m pytest -q -p no:cacheprovider tests/ops -m 'cuda and not slow'; a=\$?
-    $PY -m pytest -q -p no:cacheprovider tests/test_flex_mask.py -m 'not slow'; b=\$?; exit \$(( a || b ))"
+    $PY -m pytest -q -p no:cacheprovider tests/modeling/test_flex_mask.py -m 'not slow'; b=\$?; exit \$(( a || b ))"
 else
   if [[ -n "$SANITIZER" && "$(status_of build)" != failed ]]; then
     { sanitize memcheck; sanitize racecheck; } > "$LOGS/sanitizers.out" 2>&1 &
@@ -155,7 +155,7 @@ else
     SANITIZE_PID=
   fi
   run_step tests 200 "$PY -m pytest -q -p no:cacheprovider -rs tests/ops -m cuda; a=\$?
-    $PY -m pytest -q -p no:cacheprovider -rs tests/test_flex_mask.py -m 'not slow or cuda'; b=\$?; exit \$(( a || b ))"
+    $PY -m pytest -q -p no:cacheprovider -rs tests/modeling/test_flex_mask.py -m 'not slow or cuda'; b=\$?; exit \$(( a || b ))"
   if [[ -n "$SANITIZE_PID" ]]; then
     say "waiting for the sanitizers"
     wait "$SANITIZE_PID"

@@ -11,7 +11,7 @@ time taken and how much its peak memory grew. The parent classifies every case:
 - silent wrong answer: a case meant to be refused loaded, or a load differs from the reference;
 - crash / hang: the worker died, or made no progress within the time limit.
 
-Run as a script (``python tests/test_checkpoint_hostile.py``) it prints these figures.
+Run as a script (``python tests/modeling/test_checkpoint_hostile.py``) it prints these figures.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BD3LM_FIXTURE = os.path.join(HERE, "fixtures", "bd3lm_tiny")
+BD3LM_FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "bd3lm_tiny")
 CASE_SECONDS = 20.0  # generous for a loaded CI machine; a refusal takes milliseconds
 REFUSAL_SECONDS = 2.0
 FIFO_SECONDS = 1.0

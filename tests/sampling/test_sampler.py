@@ -12,7 +12,8 @@ import torch
 from did_engine.modeling import BlockDiffusionLM, ModelConfig
 from did_engine.errors import UserError
 from did_engine.sampling import DiDSampler, RefineStage, SamplerConfig, generate
-from rowwise import RowByRow
+from support.rowwise import RowByRow
+from support.uncached import UncachedModel
 
 
 class ToyDenoiser(torch.nn.Module):
@@ -263,29 +264,8 @@ def test_batched_forwards_agree_with_row_alone_forwards_within_rounding():
           alone.commit_and_decode(tokens[:, 8:12], tokens[:, 12:16], caches))
 
 
-class UncachedModel(torch.nn.Module):
-    """The same model decoding without a cache: block-causal forward over everything so far."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.mask_id, self.config = model, model.mask_id, model.config
-
-    def new_kv_cache(self, batch_size, max_len=None):
-        return SimpleNamespace(tokens=torch.zeros(batch_size, 0, dtype=torch.int64))
-
-    def decode(self, block, cache):
-        seq = torch.cat([cache.tokens, block], 1)
-        return self.inner(seq, block_size=self.inner.config.block_size)[:, -block.shape[1]:]
-
-    def commit(self, block, cache, block_size=None):
-        cache.tokens = torch.cat([cache.tokens, block], 1)
-
-    def forward(self, tokens, block_size=None):
-        return self.inner(tokens, block_size=block_size)
-
-
 def test_kv_cached_draft_equals_uncached_block_causal_draft_under_greedy():
-    """The two compute the same logits up to float32 rounding (tests/test_model.py). Greedy
+    """The two compute the same logits up to float32 rounding (tests/modeling/test_dit.py). Greedy
     first-hitting draws are argmaxes at positions the generator picks, so the tokens agree
     unless two logits tie within that rounding (~1e-6 here, against top-2 gaps of 0.07 and
     more); a confidence-ranked strategy would instead compare near-1 probabilities, which
@@ -335,7 +315,7 @@ def test_commit_folded_into_the_next_decode_changes_nothing_but_the_forward_coun
     gives the same tokens and confidences, bit for bit, as separate commits, with the same
     decode calls, and makes no separate commit forwards except the prompt prefill and blocks
     that needed no decode call. (That the model's fused forward equals commit-then-decode,
-    up to float32 rounding, is tests/test_model.py's.)"""
+    up to float32 rounding, is tests/modeling/test_dit.py's.)"""
     kwargs = dict(batch_size=2, generator=torch.Generator().manual_seed(5), **kwargs)
     fused = generate(FoldedByHand(tiny_model()), **kwargs)
     kwargs["generator"] = torch.Generator().manual_seed(5)

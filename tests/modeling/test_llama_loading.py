@@ -17,12 +17,13 @@ from did_engine.errors import UserError
 from did_engine.modeling.hf_checkpoints import load_model
 from did_engine.modeling.llama import LlamaBlockDiffusionLM
 from did_engine.modeling import BlockDiffusionLM
+from support import BD3LM_FIXTURE
 
 transformers = pytest.importorskip("transformers", reason="HF checkpoints are written with transformers")
 
-from test_llama import check_close, check_shifted, hf_model  # noqa: E402
+from support.hf_llama import check_close, check_shifted, hf_model  # noqa: E402
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bd3lm_tiny")
+FIXTURE = BD3LM_FIXTURE
 
 
 def hf_directory(tmp_path, kind="qwen3", seed=0, model_type=None, shard=False, **config_changes):

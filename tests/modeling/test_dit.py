@@ -13,8 +13,9 @@ from did_engine.diffusion import subs_log_probs
 from did_engine.modeling import BlockDiffusionLM, ModelConfig
 from did_engine.modeling.checkpoint import CheckpointError
 from did_engine.modeling.layers import apply_rotary, block_diffusion_mask
+from support import BD3LM_FIXTURE
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bd3lm_tiny")
+FIXTURE = BD3LM_FIXTURE
 
 
 @pytest.fixture(scope="module")

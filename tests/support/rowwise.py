@@ -1,6 +1,6 @@
 """RowByRow: a model computed one batch row at a time, for tests of batch independence.
 
-Shared by the sampler and evaluation tests (import it as ``from rowwise import RowByRow``,
+Shared by the sampler and evaluation tests (import it as ``from support.rowwise import RowByRow``,
 like ``conftest``'s helpers).
 """
 

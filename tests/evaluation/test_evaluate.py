@@ -22,7 +22,7 @@ from did_engine.evaluation import (EvalConfig, Judge, JudgeScore, RejectionRule,
                                    generate_samples, sample_seed, unigram_entropy, evaluate_model)
 from did_engine.modeling.dit import BlockDiffusionLM  # noqa: E402
 from did_engine.sampling import RefineStage, SamplerConfig, generate  # noqa: E402
-from rowwise import RowByRow  # noqa: E402
+from support.rowwise import RowByRow  # noqa: E402
 
 WORDS = ("the of and to in a is was for on as with by he that at from his it an were are which this be or "
          "has had not first one their its new after but who they have her she two been other when there all "

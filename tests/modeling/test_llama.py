@@ -5,86 +5,21 @@ checkpoints, and the sampler running it unchanged."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from did_engine.modeling.checkpoint import CheckpointError
 from did_engine.errors import UserError
-from did_engine.modeling.hf_checkpoints import _state_dict_sources, build_llama, llama_config_from_hf, load_model
+from did_engine.modeling.hf_checkpoints import load_model
 from did_engine.modeling.llama import LastHiddenKVCache, LlamaBlockConfig, LlamaBlockDiffusionLM
 from did_engine.ops.reference import block_causal_mask
+from support import BD3LM_FIXTURE
 
 transformers = pytest.importorskip("transformers", reason="the exactness tests compare against transformers")
 
-# Tiny configurations with grouped-query heads (4 query heads on 2 K/V heads).
-COMMON = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-5)
-KINDS = {
-    # name: (config class, model class, extra config)
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
-    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=1)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
-}
-
-
-def hf_model(kind: str, seed: int = 0, attn: str = "eager", **overrides):
-    """A transformers causal LM of ``kind`` with every parameter random (norms near 1)."""
-    config_name, model_name, extra = KINDS[kind]
-    if not hasattr(transformers, model_name):
-        pytest.skip(f"transformers {transformers.__version__} has no {model_name} (Qwen3 needs >= 4.51)")
-    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.3 if p.dim() > 1 else 0.1)
-    return model
-
-
-def ours_from(hf, shift: bool = True, **overrides) -> LlamaBlockDiffusionLM:
-    """Our model holding hf's weights (through the loader's config mapping and weight
-    checks); ``shift`` False gives an SDAR-style model over the same weights."""
-    config, _ = llama_config_from_hf(hf.config.to_dict(), "test", mask_id=hf.config.vocab_size - 1)
-    config = LlamaBlockConfig.from_dict({**config.to_dict(), "logit_shift": shift, **overrides})
-    return build_llama(config, _state_dict_sources(hf.state_dict()), "test")
-
-
-def random_ours(kind="qwen3", shift=True, seed=0, **overrides) -> LlamaBlockDiffusionLM:
-    return ours_from(hf_model(kind, seed), shift, **overrides)
-
-
-def tokens_for(model, shape, seed=1, masked=0.0):
-    """Random ids below the mask id; a fraction ``masked`` set to the mask."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, model.mask_id, shape, generator=g)
-    return x.masked_fill(torch.rand(shape, generator=g) < masked, model.mask_id)
-
-
-def check_close(got, want, tol=1e-4):
-    assert got.shape == want.shape
-    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-    assert err <= tol, f"max abs difference {err:.3g} > {tol:g}"
-
-
-def same(got, want):
-    """Two of our forwards computing the same thing by other paths: equal up to float32
-    rounding relative to the logits' scale."""
-    scale = float(want.abs().max()) if want.numel() else 1.0
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, scale))
-
-
-def check_shifted(ours_logits, hf_logits, tol=1e-4):
-    """A shift model's logits at i are the causal LM's at i - 1; position 0 is all zeros."""
-    check_close(ours_logits[:, 1:], hf_logits[:, :-1], tol)
-    assert torch.equal(ours_logits[:, 0], torch.zeros_like(ours_logits[:, 0]))
-
+from support.hf_llama import (KINDS, check_close, check_shifted, hf_model, ours_from, random_ours,  # noqa: E402
+                              same, tokens_for)
 
 # -- (a), (b): exact against transformers -----------------------------------------------------
 
@@ -436,7 +371,7 @@ def test_save_load_round_trip_is_exact(tmp_path, kind, shift):
 def test_load_model_still_loads_the_dit(tmp_path):
     from did_engine.modeling import BlockDiffusionLM
 
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "bd3lm_tiny")
+    fixture = BD3LM_FIXTURE
     assert type(load_model(fixture)) is BlockDiffusionLM
     BlockDiffusionLM(vocab_size=37, model_length=24, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4).save_pretrained(
         tmp_path)
@@ -472,7 +407,7 @@ def test_sampler_draft_with_the_cache_equals_the_uncached_block_causal_draft(shi
     """The sampler drafts (and refines) with the model unchanged: its cached draft equals a
     draft from block-causal forwards over everything so far (no cache, no cached last
     hidden state, no fused commit), with and without a prompt, shift or not."""
-    from test_sampler import UncachedModel
+    from support.uncached import UncachedModel
 
     from did_engine.sampling import generate
 

@@ -12,7 +12,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from tests.test_train import REPO, make_dataset, subprocess_env
+from support import REPO_DIR as REPO
+from support.training_data import make_dataset, subprocess_env
 
 # Each rank trains, then dumps its own weights: the check that ranks agree must not rely on
 # rank 0's checkpoint.
