@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from did_engine.modeling import BlockDiffusionLM, ModelConfig
+from did_engine.modeling.llama import LlamaBlockConfig, LlamaBlockDiffusionLM
 from did_engine.errors import UserError
 from did_engine.sampling import DiDSampler, RefineStage, SamplerConfig, generate
 from support.rowwise import RowByRow
@@ -63,6 +64,21 @@ def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=29, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=2, dropout=0.0)
     model = BlockDiffusionLM(ModelConfig(**{**cfg, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def tiny_llama(shift: bool, seed=0):
+    """A LlamaBlockDiffusionLM (Qwen3 layout: q/k norm, grouped-query heads) with random
+    weights large enough to give peaked, row-dependent logits."""
+    torch.manual_seed(seed)
+    model = LlamaBlockDiffusionLM(LlamaBlockConfig(
+        vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, qk_norm=True, model_length=64, mask_id=52, block_size=4,
+        logit_shift=shift))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -276,13 +292,37 @@ def test_a_row_in_a_batch_equals_the_row_alone_with_its_generator(setting):
         assert torch.equal(batch.confidence[row], alone.confidence[0])
 
 
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("prompt", [None, [7, 3, 9, 1, 4, 2]])
+def test_llama_rows_in_a_batch_equal_the_rows_alone(shift, prompt):
+    """DiDSampler runs LlamaBlockDiffusionLM unchanged, and a row's draft and global
+    refinement depend only on its generator and its own logits: with and without logit
+    shift, with and without a prompt (the prompt's whole block prefilled, the rest of it
+    drafted around), confidence-ordered draft and a global refine stage."""
+    model = RowByRow(tiny_llama(shift))
+    kwargs = dict(length=27, strategy="topk", tokens_per_step=2, stages=[(None, 0.3, 3)],
+                  prompt=None if prompt is None else torch.tensor(prompt))
+    seeds = [21, 22, 23]
+    batch = generate(model, 3, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    assert len({tuple(r.tolist()) for r in batch.tokens}) == 3 and (batch.tokens != model.mask_id).all()
+    assert batch.nfe["refine_1"]["forward"] == 3
+    for row, seed in enumerate(seeds):
+        alone = generate(model, 1, generator=[torch.Generator().manual_seed(seed)], **kwargs)
+        assert torch.equal(batch.tokens[row], alone.tokens[0])
+        assert torch.equal(batch.draft_tokens[row], alone.draft_tokens[0])
+        assert torch.equal(batch.confidence[row], alone.confidence[0])
+        assert torch.equal(batch.remasked["refine_1"][row], alone.remasked["refine_1"][0])
+
+
 @torch.no_grad()
-def test_batched_forwards_agree_with_row_alone_forwards_within_rounding():
+@pytest.mark.parametrize("make_model", [tiny_model, lambda: tiny_llama(True), lambda: tiny_llama(False)],
+                         ids=["dit", "llama_shift", "llama_no_shift"])
+def test_batched_forwards_agree_with_row_alone_forwards_within_rounding(make_model):
     """What holds for the plain batched model, where a BLAS decides: every forward the
     sampler uses gives each row the logits of that row computed alone, up to float32
     rounding (not bit for bit: MKL takes other paths for 1 and 3 rows), so a draw differs
     only where two candidates nearly tie."""
-    model = tiny_model()
+    model = make_model()
     alone = RowByRow(model)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.mask_id, (3, 24), generator=g)
