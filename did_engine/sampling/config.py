@@ -84,6 +84,9 @@ class SamplerConfig:
     strategy: str = "first_hitting"
     tokens_per_step: int = 2  # topk strategy
     threshold: float = 0.9  # threshold strategy
+    # threshold strategy: each call fills at least this many positions (the most probable
+    # ones) when fewer pass the threshold; 1 is Fast-dLLM v2's rule, > 1 SDAR's dynamic one
+    min_tokens_per_step: int = 1
     stages: list = field(default_factory=list)  # RefineStage or (block_size, remask_ratio, steps) tuples
     remask_policy: str = "snapshot"
     method: str = "did"  # "did" (block draft + stages) or "mdlm" (global sampling from all-mask)
@@ -109,6 +112,10 @@ class SamplerConfig:
         check_int("length", self.length, 1, none_ok=True)
         check_int("block_size", self.block_size, 1)
         check_int("tokens_per_step", self.tokens_per_step, 1)
+        check_int("min_tokens_per_step", self.min_tokens_per_step, 1)
+        if self.min_tokens_per_step != 1 and self.strategy != "threshold":
+            raise UserError(f"min_tokens_per_step applies to the threshold strategy, not {self.strategy!r} "
+                            f"(topk fills tokens_per_step positions per call)")
         check_int("mdlm_steps", self.mdlm_steps, 1, none_ok=True)
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_number("temperature", self.temperature, 0.0, None)

@@ -6,8 +6,21 @@ unmasked over several model calls (one ``model.decode`` each) by one of three ru
 
     first_hitting   one position per call, chosen uniformly (BD3-LM; NFE = tokens)
     topk            the ``tokens_per_step`` positions whose sampled token is most probable
-    threshold       every position whose sampled token has probability >= ``threshold``
-                    (at least the most probable one)
+    threshold       every position whose sampled token has probability >= ``threshold``,
+                    and at least the ``min_tokens_per_step`` most probable ones (default 1)
+
+What the peers call these rules:
+
+    BD3-LM first-hitting sampler                 first_hitting
+    SDAR / TraDo  low_confidence_static          topk, tokens_per_step = block_size / steps
+    SDAR / TraDo  low_confidence_dynamic         threshold, min_tokens_per_step = block_size / steps
+                  (threshold ``confidence_threshold``)
+    Fast-dLLM v2  threshold decoding             threshold, min_tokens_per_step = 1
+                  (threshold 0.9 by default)
+
+(SDAR also has ``sequential``, left to right one position per call, which no confidence
+rule here reproduces. SDAR and Fast-dLLM v2 compare with ``>``, we with ``>=``: they
+differ only when a probability equals the threshold exactly.)
 
 When a token is unmasked, the probability the model gave it at that moment is recorded:
 its *snapshot confidence* (no extra forward). A finished block's clean K/V go into the
@@ -218,6 +231,15 @@ class DiDSampler:
             raise UserError(f"a global block over {length} tokens exceeds the model's context of "
                              f"{self.model_length}; use a refine block_size <= {self.model_length}")
 
+    def _cache_capacity(self, length: int, block_size: int) -> int:
+        """Committed tokens a KV cache must hold for a sequence of ``length`` in blocks of
+        ``block_size``: every block but the last, and no more than the model's context
+        leaves beside the active block (a longer generation slides the window, as BD3-LM
+        does). Sizing it by the generation, not the context, keeps a short generation of a
+        long-context model from allocating the whole context per row."""
+        committed = (-(-length // block_size) - 1) * block_size
+        return max(min(committed, self.model_length - block_size), block_size)
+
     # -- the unmasking loop ---------------------------------------------------------------
 
     def _fill(self, x, conf, targets, logits_fn, drawer, counter, kind, order, steps, gens, progress=False,
@@ -226,8 +248,9 @@ class DiDSampler:
 
         Each model call (logits_fn(x, **kwargs) -> [B, W, V], or [M, V] with logit_positions,
         counted in counter[kind]) fills, per row:
-        per_step positions (fixed count), or every candidate above threshold (at least one),
-        or ceil(remaining / calls left) when a step budget `steps` is given, or 1.
+        per_step positions (fixed count); with a threshold, every candidate at or above it,
+        and at least the per_step (default 1) most probable; ceil(remaining / calls left)
+        when a step budget `steps` is given; or 1.
         order "random" picks the positions uniformly; "confidence" picks the most probable draws.
         """
         remaining = targets.clone()
@@ -254,7 +277,9 @@ class DiDSampler:
                 score = torch.full(remaining.shape, float("-inf"), device=x.device)
                 score[remaining] = cf_all.float()
                 if threshold is not None:
-                    best = top_by_score(score, remaining, left.clamp(max=1), 1)
+                    # The per_step most probable are a subset of those above the threshold
+                    # whenever at least per_step are: the floor only acts below it.
+                    best = top_by_score(score, remaining, counts, k_max)
                     chosen = (remaining & (score >= threshold)) | best
                 else:
                     chosen = top_by_score(score, remaining, counts, k_max)
@@ -277,7 +302,7 @@ class DiDSampler:
     def _draft(self, tokens, confidence, P, lengths, drawer, gens, counter, progress):
         cfg, model = self.config, self.model
         bs, (B, L) = cfg.block_size, tokens.shape
-        cache = _CachedBlocks(model, B, max(self.model_length - bs, bs), counter)
+        cache = _CachedBlocks(model, B, self._cache_capacity(L, bs), counter)
         first = P // bs  # blocks made only of prompt tokens are committed as the prefill
         if first:
             cache.prefill(tokens[:, : first * bs], bs)
@@ -295,7 +320,7 @@ class DiDSampler:
             targets = (x == self.mask_id) & ~done[:, None]
             strategy_args = dict(order="random") if cfg.strategy == "first_hitting" else (
                 dict(order="confidence", per_step=cfg.tokens_per_step) if cfg.strategy == "topk" else
-                dict(order="confidence", threshold=cfg.threshold))
+                dict(order="confidence", threshold=cfg.threshold, per_step=cfg.min_tokens_per_step))
             self._fill(x, c, targets, cache.decode, drawer, counter, "decode", steps=None, gens=gens, **strategy_args)
             if cfg.stop_at_eos:
                 self._stop_rows(tokens, s, e, P, lengths, done)
@@ -366,7 +391,7 @@ class DiDSampler:
             self._fill(tokens, confidence, targets, logits_fn, drawer, fill_counter, kind, order=stage.order,
                        steps=stage.steps, gens=gens)
             return
-        cache = _CachedBlocks(self.model, B, max(self.model_length - bs, bs), counter)
+        cache = _CachedBlocks(self.model, B, self._cache_capacity(L, bs), counter)
         first = P // bs
         if first:
             cache.prefill(tokens[:, : first * bs], bs)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from did_engine.modeling import BlockDiffusionLM, ModelConfig
+from did_engine.modeling.llama import LlamaBlockConfig, LlamaBlockDiffusionLM
 from did_engine.errors import UserError
 from did_engine.sampling import DiDSampler, RefineStage, SamplerConfig, generate
 from support.rowwise import RowByRow
@@ -70,6 +71,21 @@ def tiny_model(seed=0, **overrides):
     return model.eval()
 
 
+def tiny_llama(shift: bool, seed=0):
+    """A LlamaBlockDiffusionLM (Qwen3 layout: q/k norm, grouped-query heads) with random
+    weights large enough to give peaked, row-dependent logits."""
+    torch.manual_seed(seed)
+    model = LlamaBlockDiffusionLM(LlamaBlockConfig(
+        vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, qk_norm=True, model_length=64, mask_id=52, block_size=4,
+        logit_shift=shift))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
 # -- the draft against a hand computation -----------------------------------------------------
 
 
@@ -109,6 +125,42 @@ def test_threshold_commits_every_confident_position_at_once():
     result = generate(toy, 1, length=8, block_size=4, strategy="threshold", threshold=0.9, temperature=0)
     assert result.nfe["draft"]["decode"] == 2  # one call per block
     assert toy.seen_masks == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("floor,expected_seen", [
+    # Fast-dLLM v2's rule: everything above the threshold, else the single most confident.
+    (1, [[0, 1, 2, 3, 4, 5], [1, 3, 5], [1, 3], [3], [6, 7, 8, 9, 10, 11], [6, 8, 9, 10, 11], [8, 9, 10, 11],
+         [8, 9, 10], [8, 10], [10]]),
+    # SDAR's low_confidence_dynamic with k = 2: everything above the threshold when that is
+    # at least 2 positions, else the 2 most confident.
+    (2, [[0, 1, 2, 3, 4, 5], [1, 3, 5], [3], [6, 7, 8, 9, 10, 11], [8, 9, 10, 11], [8, 10]]),
+    (3, [[0, 1, 2, 3, 4, 5], [1, 3, 5], [6, 7, 8, 9, 10, 11], [8, 9, 10]]),
+])
+def test_threshold_with_a_floor_of_tokens_per_step_matches_hand_computation(floor, expected_seen):
+    """Greedy draws from a table whose top probabilities are, by position,
+    block 1: .955 .28 .983 .19 .928 .51; block 2: .74 .955 .19 .28 .15 .51 (threshold 0.9).
+    Block 1: three pass the threshold (0, 2, 4): they fill the first call whenever the floor
+    is at most 3; then 5 (.51) and 1 (.28) in confidence order. Block 2: only 7 passes, so
+    a floor of 2 adds 6 (.74), then 11 and 9, then 8 and 10; a floor of 3 adds 6 and 11."""
+    top = torch.tensor([5.0, 1.0, 6.0, 0.5, 4.5, 2.0, 3.0, 5.0, 0.5, 1.0, 0.2, 2.0])
+    table = torch.zeros(12, 9)
+    table[:, 0] = top  # token 0 against 7 other tokens at logit 0 (and the mask)
+    best_p = subs_probs(table).max(-1).values
+    assert (best_p[[0, 2, 4, 7]] >= 0.9).all() and (best_p[[1, 3, 5, 6, 8, 9, 10, 11]] < 0.9).all()
+    toy = ToyDenoiser(table)
+    result = generate(toy, 1, length=12, block_size=6, strategy="threshold", threshold=0.9,
+                      min_tokens_per_step=floor, temperature=0)
+    assert toy.seen_masks == expected_seen
+    assert result.nfe["draft"]["decode"] == len(expected_seen)
+    assert (result.tokens == 0).all()
+    torch.testing.assert_close(result.confidence[0].double(), best_p, atol=1e-6, rtol=1e-6)
+
+
+def test_a_floor_of_tokens_per_step_needs_the_threshold_strategy():
+    for strategy in ("topk", "first_hitting"):
+        with pytest.raises(UserError, match="min_tokens_per_step applies to the threshold strategy"):
+            SamplerConfig(strategy=strategy, min_tokens_per_step=2)
+    assert SamplerConfig(strategy="topk", min_tokens_per_step=1).min_tokens_per_step == 1
 
 
 # -- refinement ---------------------------------------------------------------------------------
@@ -193,6 +245,7 @@ SAMPLER_SETTINGS = {
     "first_hitting": dict(strategy="first_hitting"),
     "topk": dict(strategy="topk", tokens_per_step=2),
     "threshold": dict(strategy="threshold", threshold=0.5),
+    "threshold_floor": dict(strategy="threshold", threshold=0.5, min_tokens_per_step=2),
     "block_stage": dict(strategy="topk", stages=[(8, 0.3, 2), (None, 0.25, 4)]),
     "reuse_context": dict(strategy="topk", stages=[RefineStage(None, 0.3, 4, reuse_context=True)]),
     "posthoc": dict(strategy="threshold", threshold=0.5, remask_policy="posthoc"),
@@ -239,13 +292,37 @@ def test_a_row_in_a_batch_equals_the_row_alone_with_its_generator(setting):
         assert torch.equal(batch.confidence[row], alone.confidence[0])
 
 
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("prompt", [None, [7, 3, 9, 1, 4, 2]])
+def test_llama_rows_in_a_batch_equal_the_rows_alone(shift, prompt):
+    """DiDSampler runs LlamaBlockDiffusionLM unchanged, and a row's draft and global
+    refinement depend only on its generator and its own logits: with and without logit
+    shift, with and without a prompt (the prompt's whole block prefilled, the rest of it
+    drafted around), confidence-ordered draft and a global refine stage."""
+    model = RowByRow(tiny_llama(shift))
+    kwargs = dict(length=27, strategy="topk", tokens_per_step=2, stages=[(None, 0.3, 3)],
+                  prompt=None if prompt is None else torch.tensor(prompt))
+    seeds = [21, 22, 23]
+    batch = generate(model, 3, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    assert len({tuple(r.tolist()) for r in batch.tokens}) == 3 and (batch.tokens != model.mask_id).all()
+    assert batch.nfe["refine_1"]["forward"] == 3
+    for row, seed in enumerate(seeds):
+        alone = generate(model, 1, generator=[torch.Generator().manual_seed(seed)], **kwargs)
+        assert torch.equal(batch.tokens[row], alone.tokens[0])
+        assert torch.equal(batch.draft_tokens[row], alone.draft_tokens[0])
+        assert torch.equal(batch.confidence[row], alone.confidence[0])
+        assert torch.equal(batch.remasked["refine_1"][row], alone.remasked["refine_1"][0])
+
+
 @torch.no_grad()
-def test_batched_forwards_agree_with_row_alone_forwards_within_rounding():
+@pytest.mark.parametrize("make_model", [tiny_model, lambda: tiny_llama(True), lambda: tiny_llama(False)],
+                         ids=["dit", "llama_shift", "llama_no_shift"])
+def test_batched_forwards_agree_with_row_alone_forwards_within_rounding(make_model):
     """What holds for the plain batched model, where a BLAS decides: every forward the
     sampler uses gives each row the logits of that row computed alone, up to float32
     rounding (not bit for bit: MKL takes other paths for 1 and 3 rows), so a draw differs
     only where two candidates nearly tie."""
-    model = tiny_model()
+    model = make_model()
     alone = RowByRow(model)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.mask_id, (3, 24), generator=g)
@@ -340,6 +417,50 @@ def test_generation_past_the_context_slides_the_cache():
         generate(model, 2, length=48, stages=[(None, 0.25, 2)])
 
 
+class FullContextCache(torch.nn.Module):
+    """The model with every cache sized as before: the whole context beside the active block,
+    whatever max_len the sampler asks for. Records the capacities the sampler asked for."""
+
+    def __init__(self, model, full: bool):
+        super().__init__()
+        self.inner, self.mask_id, self.config, self.full = model, model.mask_id, model.config, full
+        self.supports_logit_positions = model.supports_logit_positions
+        self.supports_commit_and_decode = model.supports_commit_and_decode
+        self.decode, self.commit, self.commit_and_decode = model.decode, model.commit, model.commit_and_decode
+        self.asked = []
+
+    def new_kv_cache(self, batch_size, max_len=None):
+        self.asked.append(max_len)
+        if self.full:
+            max_len = self.config.model_length - self.config.block_size
+        return self.inner.new_kv_cache(batch_size, max_len=max_len)
+
+    def forward(self, tokens, **kwargs):
+        return self.inner(tokens, **kwargs)
+
+
+def test_a_short_generation_of_a_long_context_model_gets_a_small_cache_and_the_same_tokens():
+    """The cache holds what the generation commits (every block but the last, prompt
+    included), not the model's context: 20 and 16 positions here, not 1020, with the same
+    tokens and confidences as a cache of the whole context."""
+    model = tiny_model(model_length=1024)
+    kwargs = dict(length=23, block_size=4, prompt=torch.tensor([3, 1, 4, 1, 5]), strategy="topk",
+                  stages=[(8, 0.4, 2), (None, 0.25, 2)])
+    small, full = FullContextCache(model, full=False), FullContextCache(model, full=True)
+    a = generate(small, 2, generator=torch.Generator().manual_seed(4), **kwargs)
+    b = generate(full, 2, generator=torch.Generator().manual_seed(4), **kwargs)
+    assert small.asked == [20, 16]  # draft: 6 blocks of 4, all but the last; refine: 3 of 8
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.draft_tokens, b.draft_tokens)
+    torch.testing.assert_close(a.confidence, b.confidence, rtol=1e-6, atol=1e-6)
+    assert a.nfe == b.nfe
+
+
+def test_cache_capacity_is_capped_by_the_context_so_long_generations_still_slide():
+    sampler = DiDSampler(tiny_model(), SamplerConfig())  # model_length 32
+    assert [sampler._cache_capacity(L, 4) for L in (1, 4, 5, 23, 29, 32, 48, 1000)] == [4, 4, 4, 20, 28, 28, 28, 28]
+    assert sampler._cache_capacity(30, 20) == 20  # a block over half the context: the block itself
+
+
 # -- EOS, MDLM baseline, arguments ----------------------------------------------------------------
 
 
@@ -388,7 +509,7 @@ def test_bd3lm_preset_config_and_bad_arguments():
     ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -1.0), ("temperature", "1"),
     ("top_p", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("threshold", float("-inf")), ("threshold", 2.0),
     ("length", 0), ("length", -3), ("length", 16.0), ("block_size", 0), ("block_size", 2.5), ("block_size", True),
-    ("tokens_per_step", 0), ("mdlm_steps", 0), ("eos_id", -1), ("eos_id", 3.0), ("mask_id", -2),
+    ("tokens_per_step", 0), ("min_tokens_per_step", 0), ("min_tokens_per_step", 1.5), ("mdlm_steps", 0), ("eos_id", -1), ("eos_id", 3.0), ("mask_id", -2),
     ("stop_at_eos", "yes"), ("stages", "global"), ("stages", [(None, float("nan"), 2)]), ("stages", [(4, 0.5, 0)]),
     ("stages", [(2.5, 0.5, 2)]), ("stages", [(None,)*4]),
 ])
