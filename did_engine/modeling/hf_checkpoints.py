@@ -1,18 +1,22 @@
-"""Loading models from what people download: local directories, Hugging Face hub names, GGUF files.
+"""Reading what people download: Hugging Face directories, hub names, GGUF files.
 
-    did_engine.load_model(name)   picks the class from the checkpoint:
+did_engine.modeling.loading.load_model is the entry point; here are the pieces it uses:
+
+    resolve_model_path(name)     a local path as it is, else a hub repo id fetched (or found in
+                                 the cache) by huggingface_hub.snapshot_download
+    load_checkpoint(path)        the class a local checkpoint names:
         did_engine format          its model_class (BlockDiffusionLM or LlamaBlockDiffusionLM)
         BD3-LM (model_type bd3lm)  BlockDiffusionLM.from_pretrained
         sdar, Fast_dLLM_Qwen, llama, qwen2, qwen3, *.gguf   load_llama (see did_engine.modeling.llama)
-        an embedded model name ("default"), the built-in judge name ("smollm2-135m")
+    llama_config_from_hf(raw)    a Hugging Face config.json -> LlamaBlockConfig
+    gguf_tokenizer(path)         the tokenizer transformers converts from a GGUF file
 
-``name`` is a local directory, a ``.gguf`` file, or a hub repo id ("org/name"), fetched with
-``huggingface_hub.snapshot_download`` (which honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``
-and ``HF_HOME``; only config, tokenizer and safetensors files are fetched). Weights are
-read from safetensors only (``model.safetensors`` or a sharded
-``model.safetensors.index.json``), through did_engine.modeling.checkpoint's checked reader; nothing
-is unpickled. A GGUF file is dequantised by transformers' GGUF loader (``gguf_file=``).
-Names, shapes and dtypes are checked against the config before the model is allocated.
+snapshot_download honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``HF_HOME``; only config,
+tokenizer and safetensors files are fetched. Weights are read from safetensors only
+(``model.safetensors`` or a sharded ``model.safetensors.index.json``), through
+did_engine.modeling.checkpoint's checked reader; nothing is unpickled. A GGUF file is
+dequantised by transformers' GGUF loader (``gguf_file=``). Names, shapes and dtypes are
+checked against the config before the model is allocated.
 """
 
 from __future__ import annotations
@@ -39,14 +43,14 @@ from did_engine.modeling.checkpoint import (
 from did_engine.errors import UserError
 from did_engine.modeling.llama import LlamaBlockConfig, LlamaBlockDiffusionLM
 
-__all__ = ["load_model", "load_llama", "resolve_model_path", "llama_config_from_hf"]
+__all__ = ["load_checkpoint", "load_llama", "resolve_model_path", "llama_config_from_hf", "gguf_tokenizer"]
 
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 16 << 20  # a sharded index lists every tensor name: ~100 KB for a 7B model
 # What snapshot_download fetches: configs and tokenizer files, safetensors weights and their
 # index. Pickled weights (*.bin, *.pt) are never read, so never downloaded.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 # Block diffusion checkpoints: model_type -> (logit_shift, the mask token in their tokenizer).
 BLOCK_DIFFUSION_TYPES = {"sdar": (False, "<|MASK|>"), "Fast_dLLM_Qwen": (True, "|<MASK>|")}
@@ -66,7 +70,7 @@ def resolve_model_path(name_or_path, cache_dir=None, revision: str | None = None
     path = os.fspath(name_or_path)
     if os.path.exists(path):
         return path
-    if not _HUB_NAME.fullmatch(path):
+    if not HUB_NAME.fullmatch(path):
         raise CheckpointNotFoundError(f"{path!r} is neither a local path nor a Hugging Face hub name (org/name)")
     try:
         from huggingface_hub import snapshot_download
@@ -82,22 +86,12 @@ def resolve_model_path(name_or_path, cache_dir=None, revision: str | None = None
                                       f"({type(exc).__name__}: {first})") from None
 
 
-def load_model(name_or_path, device=None, dtype=None, **options):
-    """A model of the class its checkpoint names (see the module docstring). ``options`` go
-    to load_llama (mask_id, block_size) and to the hub (cache_dir, revision)."""
+def load_checkpoint(path: str, device=None, dtype=None, **options):
+    """The model of the checkpoint at local ``path`` (a directory or a .gguf file), of the
+    class it names (see the module docstring). ``options`` (mask_id, block_size) go to
+    load_llama; a DiT checkpoint takes none."""
     from did_engine.modeling import BlockDiffusionLM
-    from did_engine.pretrained import EMBEDDED_MODELS
 
-    name = os.fspath(name_or_path)
-    if not os.path.exists(name):
-        if name in EMBEDDED_MODELS:
-            return BlockDiffusionLM.from_pretrained(name, device=device, dtype=dtype)
-        from did_engine.evaluation.judge import BUILTIN_JUDGES, prepare_builtin_judge
-
-        if name in BUILTIN_JUDGES:  # converted once into the cache, then a plain HF directory
-            return load_llama(prepare_builtin_judge(name), device=device, dtype=dtype, **options)
-    hub = {k: options.pop(k) for k in ("cache_dir", "revision") if k in options}
-    path = resolve_model_path(name, **hub)
     if os.path.isfile(path):
         return load_llama(path, device=device, dtype=dtype, **options)
     raw = _read_config(path)
@@ -372,14 +366,33 @@ def load_llama(name_or_path, device=None, dtype=None, *, mask_id: int | None = N
         return build_llama(config, _safetensors_sources(path, files), path, device, dtype, added_row)
 
 
-def _load_gguf(path: str, device, dtype, mask_id, block_size) -> LlamaBlockDiffusionLM:
-    """Dequantise a GGUF file with transformers' GGUF loader, then take its config and weights."""
+def _gguf_location(path: str) -> tuple:
+    """(directory, file name) of a GGUF file, and transformers' Auto classes (or UserError)."""
     try:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise UserError(f"{path}: reading GGUF files needs transformers and gguf (pip install 'did_engine[eval]')") \
             from None
-    directory, name = os.path.split(os.path.abspath(path))
+    return (*os.path.split(os.path.abspath(path)), AutoModelForCausalLM, AutoTokenizer)
+
+
+def gguf_tokenizer(path: str):
+    """The did_engine Tokenizer of a GGUF file's vocabulary, as transformers converts it (the
+    tokenizer.json its save_pretrained would write)."""
+    from did_engine.data.tokenizer import Tokenizer
+
+    directory, name, _, AutoTokenizer = _gguf_location(path)
+    try:
+        converted = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: transformers could not read this GGUF file's tokenizer: {first}") from None
+    return Tokenizer(converted.backend_tokenizer, "bpe", {"loaded_from": os.path.abspath(path)})
+
+
+def _load_gguf(path: str, device, dtype, mask_id, block_size) -> LlamaBlockDiffusionLM:
+    """Dequantise a GGUF file with transformers' GGUF loader, then take its config and weights."""
+    directory, name, AutoModelForCausalLM, _ = _gguf_location(path)
     try:
         hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

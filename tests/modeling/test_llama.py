@@ -11,7 +11,7 @@ import torch
 
 from did_engine.modeling.checkpoint import CheckpointError
 from did_engine.errors import UserError
-from did_engine.modeling.hf_checkpoints import load_model
+from did_engine.modeling.loading import load_model
 from did_engine.modeling.llama import LastHiddenKVCache, LlamaBlockConfig, LlamaBlockDiffusionLM
 from did_engine.ops.reference import block_causal_mask
 from support import BD3LM_FIXTURE
