@@ -32,12 +32,12 @@ import torch
 from did_engine.modeling.checkpoint import (
     CONFIG_NAME,
     FORMAT,
-    FORMAT_VERSION,
     WEIGHT_DTYPES,
     WEIGHTS_NAME,
     CheckpointError,
     CheckpointNotFoundError,
     SafetensorsFile,
+    checked_model_config,
     read_json_file,
 )
 from did_engine.errors import UserError
@@ -81,9 +81,8 @@ def resolve_model_path(name_or_path, cache_dir=None, revision: str | None = None
     try:
         return snapshot_download(path, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
     except (OSError, ValueError, CachedRepoTreeNotFoundError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointNotFoundError(f"could not get {path!r} from the Hugging Face hub or its cache "
-                                      f"({type(exc).__name__}: {first})") from None
+                                      f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def load_checkpoint(path: str, device=None, dtype=None, **options):
@@ -217,18 +216,14 @@ def _token_id(directory: str | None, token: str) -> int | None:
 
 
 def _did_engine_config(raw: dict, source: str, mask_id, block_size) -> LlamaBlockConfig:
-    version = raw.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{source}: format_version {version!r}: this did_engine reads 1 to {FORMAT_VERSION}")
-    if raw.get("model_class") != LlamaBlockDiffusionLM.checkpoint_class:
-        raise CheckpointError(f"{source} holds a {raw.get('model_class', 'BlockDiffusionLM')} checkpoint: load it "
-                              "with did_engine.load_model")
-    fields = raw.get("config")
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{source}: 'config' must be an object")
+    """A did_engine checkpoint's config.json object -> its LlamaBlockConfig (checked as every
+    did_engine checkpoint is), with the mask id and block size overridden where given."""
+    config, _ = checked_model_config(LlamaBlockDiffusionLM, raw, source)
     overrides = {k: v for k, v in (("mask_id", mask_id), ("block_size", block_size)) if v is not None}
+    if not overrides:
+        return config
     try:
-        return LlamaBlockConfig.from_dict({**fields, **overrides}, unknown="error")
+        return LlamaBlockConfig.from_dict({**config.to_dict(), **overrides}, unknown="error")
     except UserError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
 
@@ -366,14 +361,26 @@ def load_llama(name_or_path, device=None, dtype=None, *, mask_id: int | None = N
         return build_llama(config, _safetensors_sources(path, files), path, device, dtype, added_row)
 
 
-def _gguf_location(path: str) -> tuple:
-    """(directory, file name) of a GGUF file, and transformers' Auto classes (or UserError)."""
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _read_gguf(path: str, part: str):
+    """transformers' reading of a GGUF file: ``part`` "model" (AutoModelForCausalLM,
+    dequantised) or "tokenizer" (AutoTokenizer)."""
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import transformers
     except ImportError:
         raise UserError(f"{path}: reading GGUF files needs transformers and gguf (pip install 'did_engine[eval]')") \
             from None
-    return (*os.path.split(os.path.abspath(path)), AutoModelForCausalLM, AutoTokenizer)
+    directory, name = os.path.split(os.path.abspath(path))
+    auto = transformers.AutoModelForCausalLM if part == "model" else transformers.AutoTokenizer
+    try:
+        return auto.from_pretrained(directory, gguf_file=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: transformers could not read this GGUF file's {part}: {first_line(exc)}") \
+            from None
 
 
 def gguf_tokenizer(path: str):
@@ -381,23 +388,14 @@ def gguf_tokenizer(path: str):
     tokenizer.json its save_pretrained would write)."""
     from did_engine.data.tokenizer import Tokenizer
 
-    directory, name, _, AutoTokenizer = _gguf_location(path)
-    try:
-        converted = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: transformers could not read this GGUF file's tokenizer: {first}") from None
+    converted = _read_gguf(path, "tokenizer")
     return Tokenizer(converted.backend_tokenizer, "bpe", {"loaded_from": os.path.abspath(path)})
 
 
 def _load_gguf(path: str, device, dtype, mask_id, block_size) -> LlamaBlockDiffusionLM:
     """Dequantise a GGUF file with transformers' GGUF loader, then take its config and weights."""
-    directory, name, AutoModelForCausalLM, _ = _gguf_location(path)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: transformers could not read this GGUF file: {first}") from None
+    hf = _read_gguf(path, "model")
+    directory = os.path.dirname(os.path.abspath(path))
     raw = hf.config.to_dict()
     config, added_row = llama_config_from_hf(raw, path, directory, mask_id, block_size)
     config.extra.update(source=path, source_file_format="gguf")

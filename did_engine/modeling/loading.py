@@ -30,7 +30,8 @@ from did_engine.errors import UserError
 from did_engine.modeling.checkpoint import CheckpointNotFoundError, resolve_embedded
 from did_engine.modeling.config import PRESETS
 from did_engine.modeling.dit import BlockDiffusionLM
-from did_engine.modeling.hf_checkpoints import HUB_NAME, gguf_tokenizer, load_checkpoint, resolve_model_path
+from did_engine.modeling.hf_checkpoints import (HUB_NAME, first_line, gguf_tokenizer, load_checkpoint,
+                                                resolve_model_path)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_NAME = "tokenizer.json"
@@ -115,8 +116,7 @@ def tokenizer_of(path: str):
     try:
         return Tokenizer.from_file(file)
     except Exception as exc:  # tokenizers raises a bare Exception on a file it cannot read
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{file} is not a Hugging Face tokenizers file ({first})") from None
+        raise UserError(f"{file} is not a Hugging Face tokenizers file ({first_line(exc)})") from None
 
 
 def load_tokenizer_beside(spec: str):
