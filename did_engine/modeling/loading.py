@@ -91,10 +91,11 @@ def load_model(spec, device=None, dtype=None, *, mask_id: int | None = None, blo
         return model.to(device=device, dtype=dtype).eval()
     options = {k: v for k, v in (("mask_id", mask_id), ("block_size", block_size)) if v is not None}
     model = load_checkpoint(locate(spec, cache_dir, revision), device=device, dtype=dtype, **options)
-    unknown = set(overrides) - ({"dropout"} if isinstance(model, BlockDiffusionLM) else set())
+    if "dropout" in overrides and not isinstance(model, BlockDiffusionLM):
+        raise UserError(f"{spec}: a {type(model).__name__} has no dropout: leave dropout unset")
+    unknown = set(overrides) - {"dropout"}
     if unknown:
-        raise UserError(f"{spec}: the {', '.join(sorted(unknown))} of a {type(model).__name__} checkpoint is fixed "
-                        "by its weights" + (" (this class has no dropout)" if "dropout" in unknown else ""))
+        raise UserError(f"{spec}: the {', '.join(sorted(unknown))} of a checkpoint is fixed by its weights")
     if overrides:  # a fresh module with the new dropout, holding the loaded weights
         loaded = model
         model = BlockDiffusionLM(loaded.config, **overrides)
@@ -132,6 +133,24 @@ def load_for_sampling(spec: str, device=None, dtype=None) -> tuple:
         return load_model(spec, device=device, dtype=dtype, dropout=0.0), None
     path = locate(spec)
     return load_model(path, device=device, dtype=dtype), tokenizer_of(path)
+
+
+def vocabulary_mismatch(model, data_tokens: int, model_tokenizer=None) -> str | None:
+    """Why token data of a tokenizer with ``data_tokens`` tokens does not fit ``model``, or
+    None when it does: a DiT's vocabulary is the data's tokenizer + the mask; a Llama-family
+    model's own tokenizer (``model_tokenizer``, when it has one) must have the data's size;
+    without one, the data's ids must lie below the mask id. Both sizes are named."""
+    vocab, mask = model.config.vocab_size, model.mask_id
+    if isinstance(model, BlockDiffusionLM):
+        fits, what = vocab == data_tokens + 1, f"{vocab} = tokenizer + mask"
+    elif model_tokenizer is not None:
+        fits, what = model_tokenizer.vocab_size == data_tokens, f"its tokenizer.json has {model_tokenizer.vocab_size}"
+    else:
+        fits, what = data_tokens <= mask, f"{vocab} with the mask at {mask}"
+    if fits:
+        return None
+    return (f"the dataset's tokenizer has {data_tokens} tokens but the model's vocabulary does not match ({what}): "
+            "prepare the data with the model's tokenizer")
 
 
 def load_weights_into(model, directory: str) -> None:

@@ -46,7 +46,7 @@ from did_engine.diffusion import DEFAULT_EPS, draw_block_noise, evaluate_nelbo, 
 from did_engine.errors import UserError
 from did_engine.modeling.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_safetensors, read_json_file
 from did_engine.modeling.dit import BlockDiffusionLM
-from did_engine.modeling.loading import load_model, load_weights_into, locate, tokenizer_of
+from did_engine.modeling.loading import load_model, load_weights_into, locate, tokenizer_of, vocabulary_mismatch
 from did_engine.training.config import TrainConfig, TrainConfigError
 from did_engine.training.loss import MixScaleLoss, draw_batch_noise
 from did_engine.training.state import (EMA, TRAINER_STATE, list_checkpoints, optimizer_from_flat, rng_tensors,
@@ -185,7 +185,9 @@ class Trainer:
         else:
             path = locate(cfg.model)
             model = load_model(path, **dropout)
-            self._check_vocabulary(model, tokenizer_of(path))
+            mismatch = vocabulary_mismatch(model, self.train_data.model_vocab_size - 1, tokenizer_of(path))
+            if mismatch:  # (model_vocab_size is the data's tokenizer + the mask)
+                raise TrainConfigError(mismatch)
             length = model.config.model_length
             if isinstance(model, BlockDiffusionLM) and length != L:  # BD3-LM's DiT is trained at one length
                 raise TrainConfigError(f"the model was trained on L = {length} but the dataset's sequences "
@@ -197,23 +199,6 @@ class Trainer:
             if b > model.config.model_length:
                 raise TrainConfigError(f"block size {b} exceeds the model length {model.config.model_length}")
         return model.to(self.device).train()
-
-    def _check_vocabulary(self, model, model_tokenizer) -> None:
-        """The dataset's token ids must be the model's: a DiT's vocabulary is the data's
-        tokenizer + the mask; a Llama-family model comes with its own tokenizer, which must
-        have the data's size (without one: the data's ids must lie below the mask id).
-        Refused with both sizes named."""
-        tokens = self.train_data.model_vocab_size - 1  # the data's tokenizer (model_vocab_size adds the mask)
-        vocab, mask = model.config.vocab_size, model.mask_id
-        if isinstance(model, BlockDiffusionLM):
-            fits, what = vocab == tokens + 1, f"{vocab} = tokenizer + mask"
-        elif model_tokenizer is not None:
-            fits, what = model_tokenizer.vocab_size == tokens, f"its tokenizer.json has {model_tokenizer.vocab_size}"
-        else:
-            fits, what = tokens <= mask, f"{vocab} with the mask at {mask}"
-        if not fits:
-            raise TrainConfigError(f"the dataset's tokenizer has {tokens} tokens but the model's vocabulary does not "
-                                   f"match ({what}): prepare the data with the model's tokenizer")
 
     # -- data ----------------------------------------------------------------------------------
 
