@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 from did_engine import ops  # noqa: E402
 from did_engine._build_info import build_info  # noqa: E402
 from did_engine.modeling import BlockDiffusionLM, BlockKVCache, ModelConfig  # noqa: E402
-from did_engine.modeling.hf_checkpoints import load_model  # noqa: E402
+from did_engine.modeling.loading import load_model  # noqa: E402
 from did_engine.modeling.llama import LlamaBlockConfig, LlamaBlockDiffusionLM  # noqa: E402
 from did_engine.sampling import DiDSampler, GenerationResult, RefineStage, SamplerConfig, generate  # noqa: E402
 from did_engine.diffusion import evaluate_nelbo  # noqa: E402

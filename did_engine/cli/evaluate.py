@@ -23,8 +23,9 @@ def add_common_options(p, default_samples: int) -> None:
     """Model, judge, sample-count and sampling options shared by `eval` and `ablate`."""
     src = group(p, "model")
     src.add_argument("--model", required=True,
-                     help="checkpoint directory (did_engine or BD3-LM format, with a tokenizer.json for text), "
-                          "or 'preset:NAME' (random weights; needs --tokenizer)")
+                     help="a model as `did-engine generate --model` takes it: a checkpoint or Hugging Face "
+                          "directory (with a tokenizer.json for text), a .gguf file, a hub name (org/name), "
+                          "'default', 'smollm2-135m', or 'preset:NAME' (random weights; needs --tokenizer)")
     src.add_argument("--tokenizer", default=None,
                      help="tokenizer.json (Hugging Face tokenizers) that turns the model's ids into text; "
                           "default: the one beside the weights, else the --data directory's")

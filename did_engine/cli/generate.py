@@ -24,14 +24,18 @@ def add_parser(subparsers) -> None:
                     "larger (by default global) blocks.")
     src = group(gen, "model")
     src.add_argument("--model", default="default",
-                     help="'default' (the small model shipped inside the package, see its MODEL_CARD.md), a "
-                          "checkpoint directory (did_engine or BD3-LM Hugging Face format), or 'preset:NAME' "
-                          "for a randomly initialised preset (tiny, mini, small): useful for timing only")
+                     help="'default' (the small model shipped inside the package, see its MODEL_CARD.md); a "
+                          "checkpoint directory: did_engine's, BD3-LM's, or a Hugging Face directory of SDAR / "
+                          "TraDo (sdar), Fast-dLLM v2 (Fast_dLLM_Qwen) or a llama / qwen2 / qwen3 causal LM "
+                          "(adapted: a new mask token, logit shift); a .gguf file; 'smollm2-135m'; a Hugging Face "
+                          "hub name (org/name); or 'preset:NAME' for a randomly initialised DiT preset (tiny, "
+                          "mini, small): useful for timing only. Text goes through the tokenizer.json that "
+                          "comes with the model")
     add_device_options(src, dtype_help="model dtype (float32 on CPUs: bf16 matmuls are slow without bf16 "
                                        "instructions)")
     io = group(gen, "prompt and output")
     io.add_argument("--prompt", default=None,
-                    help="prompt text (needs a tokenizer.json in the model directory)")
+                    help="prompt text (needs the model's tokenizer: a tokenizer.json beside it)")
     io.add_argument("--prompt-ids", type=argument_type(token_ids), default=None,
                     help="prompt as token ids, used as given, e.g. 50256,464")
     io.add_argument("--no-bos", action="store_true",

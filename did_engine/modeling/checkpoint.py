@@ -348,8 +348,10 @@ def resolve_embedded(path: str) -> str:
     return directory
 
 
-def _model_config(raw, config_path: str, weights: SafetensorsFile):
-    """config.json's object -> (ModelConfig, source format), every value checked."""
+def checked_model_config(cls, raw, config_path: str, weights: SafetensorsFile | None = None):
+    """config.json's object -> (a ``cls.config_class``, source format), every value checked.
+    A did_engine checkpoint must be of ``cls`` (its model_class; none: BlockDiffusionLM);
+    BD3-LM's Hugging Face config is read for the DiT only."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path} holds a JSON {_json_type(raw)}, not an object")
     if raw.get("format") == FORMAT:
@@ -359,25 +361,31 @@ def _model_config(raw, config_path: str, weights: SafetensorsFile):
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{config_path} has format_version {version}; this did_engine reads up to "
                                   f"{FORMAT_VERSION}: upgrade did_engine")
-        if raw.get("model_class", "BlockDiffusionLM") != "BlockDiffusionLM":
-            raise CheckpointError(f"{config_path} holds a {raw['model_class']!r:.80} checkpoint, not a BlockDiffusionLM: "
-                                  "load it with did_engine.load_model")
+        if raw.get("model_class", "BlockDiffusionLM") != _class_name(cls):
+            raise CheckpointError(f"{config_path} holds a {raw.get('model_class', 'BlockDiffusionLM')!r:.80} checkpoint, "
+                                  f"not a {_class_name(cls)}: load it with did_engine.load_model")
         fields, source, unknown = raw.get("config"), "did_engine", "error"
         if not isinstance(fields, dict):
             raise CheckpointError(f"{config_path}: 'config' must be an object, got "
                                   f"{_json_type(fields) if 'config' in raw else 'nothing'}")
-    elif raw.get("model_type") == "bd3lm" or any(k.startswith("backbone.") for k in weights.entries):
+    elif cls.config_class is ModelConfig and (raw.get("model_type") == "bd3lm"
+                                              or any(k.startswith("backbone.") for k in weights.entries)):
         fields, source, unknown = _bd3lm_config(raw, config_path), "bd3lm", "extra"
     else:
         raise CheckpointError(f"{config_path} is neither a did_engine checkpoint config nor a BD3-LM "
                               "Hugging Face config")
-    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in fields]
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in fields] if cls.config_class is ModelConfig else []
     if missing:
         raise CheckpointError(f"{config_path} lacks {', '.join(missing)}")
     try:
-        return ModelConfig.from_dict(fields, unknown=unknown), source
+        return cls.config_class.from_dict(fields, unknown=unknown), source
     except UserError as e:
         raise CheckpointError(f"{config_path}: {e}") from None
+
+
+def _class_name(cls) -> str:
+    """The model_class a checkpoint of ``cls`` carries (BlockDiffusionLM's files predate the field)."""
+    return getattr(cls, "checkpoint_class", None) or "BlockDiffusionLM"
 
 
 def _bd3lm_metadata(weights: SafetensorsFile) -> dict:
@@ -399,7 +407,8 @@ def _bd3lm_metadata(weights: SafetensorsFile) -> dict:
 
 
 def load_pretrained(cls, path, device=None, dtype=None, strict: bool = True):
-    """Load a checkpoint directory (ours or BD3-LM's) into a new `cls` model; see the module
+    """Load a checkpoint directory (ours or BD3-LM's) into a new `cls` model (a model class
+    with ``config_class``, and ``checkpoint_class`` unless BlockDiffusionLM); see the module
     docstring for what is checked. strict=False tolerates missing and unexpected tensors (the
     missing ones keep their initial values); wrong shapes and dtypes are refused either way."""
     path = resolve_embedded(os.fspath(path))
@@ -410,7 +419,7 @@ def load_pretrained(cls, path, device=None, dtype=None, strict: bool = True):
                                           f"{WEIGHTS_NAME}")
     raw = read_json_file(config_path)
     with SafetensorsFile(weights_path) as weights:
-        config, source = _model_config(raw, config_path, weights)
+        config, source = checked_model_config(cls, raw, config_path, weights)
         in_file = weights.entries
         if source == "bd3lm":
             config.extra.update(_bd3lm_metadata(weights))
@@ -438,8 +447,8 @@ def load_pretrained(cls, path, device=None, dtype=None, strict: bool = True):
         if not_float:
             problems.append(f"tensors that are not floating point: {', '.join(not_float)}")
         if mis_shaped or not_float or (strict and problems):
-            raise CheckpointError(f"{weights_path} does not match {config_path} ({config.n_blocks} blocks, hidden "
-                                  f"{config.hidden_dim}, vocab {config.vocab_size}): " + " | ".join(problems))
+            raise CheckpointError(f"{weights_path} does not match {config_path} (vocab {config.vocab_size}): "
+                                  + " | ".join(problems))
 
         model = cls(config)
         target = model.state_dict()  # shares storage with the parameters and buffers

@@ -1,18 +1,22 @@
-"""Loading models from what people download: local directories, Hugging Face hub names, GGUF files.
+"""Reading what people download: Hugging Face directories, hub names, GGUF files.
 
-    did_engine.load_model(name)   picks the class from the checkpoint:
+did_engine.modeling.loading.load_model is the entry point; here are the pieces it uses:
+
+    resolve_model_path(name)     a local path as it is, else a hub repo id fetched (or found in
+                                 the cache) by huggingface_hub.snapshot_download
+    load_checkpoint(path)        the class a local checkpoint names:
         did_engine format          its model_class (BlockDiffusionLM or LlamaBlockDiffusionLM)
         BD3-LM (model_type bd3lm)  BlockDiffusionLM.from_pretrained
         sdar, Fast_dLLM_Qwen, llama, qwen2, qwen3, *.gguf   load_llama (see did_engine.modeling.llama)
-        an embedded model name ("default"), the built-in judge name ("smollm2-135m")
+    llama_config_from_hf(raw)    a Hugging Face config.json -> LlamaBlockConfig
+    gguf_tokenizer(path)         the tokenizer transformers converts from a GGUF file
 
-``name`` is a local directory, a ``.gguf`` file, or a hub repo id ("org/name"), fetched with
-``huggingface_hub.snapshot_download`` (which honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``
-and ``HF_HOME``; only config, tokenizer and safetensors files are fetched). Weights are
-read from safetensors only (``model.safetensors`` or a sharded
-``model.safetensors.index.json``), through did_engine.modeling.checkpoint's checked reader; nothing
-is unpickled. A GGUF file is dequantised by transformers' GGUF loader (``gguf_file=``).
-Names, shapes and dtypes are checked against the config before the model is allocated.
+snapshot_download honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``HF_HOME``; only config,
+tokenizer and safetensors files are fetched. Weights are read from safetensors only
+(``model.safetensors`` or a sharded ``model.safetensors.index.json``), through
+did_engine.modeling.checkpoint's checked reader; nothing is unpickled. A GGUF file is
+dequantised by transformers' GGUF loader (``gguf_file=``). Names, shapes and dtypes are
+checked against the config before the model is allocated.
 """
 
 from __future__ import annotations
@@ -28,25 +32,25 @@ import torch
 from did_engine.modeling.checkpoint import (
     CONFIG_NAME,
     FORMAT,
-    FORMAT_VERSION,
     WEIGHT_DTYPES,
     WEIGHTS_NAME,
     CheckpointError,
     CheckpointNotFoundError,
     SafetensorsFile,
+    checked_model_config,
     read_json_file,
 )
 from did_engine.errors import UserError
 from did_engine.modeling.llama import LlamaBlockConfig, LlamaBlockDiffusionLM
 
-__all__ = ["load_model", "load_llama", "resolve_model_path", "llama_config_from_hf"]
+__all__ = ["load_checkpoint", "load_llama", "resolve_model_path", "llama_config_from_hf", "gguf_tokenizer"]
 
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 16 << 20  # a sharded index lists every tensor name: ~100 KB for a 7B model
 # What snapshot_download fetches: configs and tokenizer files, safetensors weights and their
 # index. Pickled weights (*.bin, *.pt) are never read, so never downloaded.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 # Block diffusion checkpoints: model_type -> (logit_shift, the mask token in their tokenizer).
 BLOCK_DIFFUSION_TYPES = {"sdar": (False, "<|MASK|>"), "Fast_dLLM_Qwen": (True, "|<MASK>|")}
@@ -66,7 +70,7 @@ def resolve_model_path(name_or_path, cache_dir=None, revision: str | None = None
     path = os.fspath(name_or_path)
     if os.path.exists(path):
         return path
-    if not _HUB_NAME.fullmatch(path):
+    if not HUB_NAME.fullmatch(path):
         raise CheckpointNotFoundError(f"{path!r} is neither a local path nor a Hugging Face hub name (org/name)")
     try:
         from huggingface_hub import snapshot_download
@@ -77,27 +81,16 @@ def resolve_model_path(name_or_path, cache_dir=None, revision: str | None = None
     try:
         return snapshot_download(path, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
     except (OSError, ValueError, CachedRepoTreeNotFoundError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointNotFoundError(f"could not get {path!r} from the Hugging Face hub or its cache "
-                                      f"({type(exc).__name__}: {first})") from None
+                                      f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def load_model(name_or_path, device=None, dtype=None, **options):
-    """A model of the class its checkpoint names (see the module docstring). ``options`` go
-    to load_llama (mask_id, block_size) and to the hub (cache_dir, revision)."""
+def load_checkpoint(path: str, device=None, dtype=None, **options):
+    """The model of the checkpoint at local ``path`` (a directory or a .gguf file), of the
+    class it names (see the module docstring). ``options`` (mask_id, block_size) go to
+    load_llama; a DiT checkpoint takes none."""
     from did_engine.modeling import BlockDiffusionLM
-    from did_engine.pretrained import EMBEDDED_MODELS
 
-    name = os.fspath(name_or_path)
-    if not os.path.exists(name):
-        if name in EMBEDDED_MODELS:
-            return BlockDiffusionLM.from_pretrained(name, device=device, dtype=dtype)
-        from did_engine.evaluation.judge import BUILTIN_JUDGES, prepare_builtin_judge
-
-        if name in BUILTIN_JUDGES:  # converted once into the cache, then a plain HF directory
-            return load_llama(prepare_builtin_judge(name), device=device, dtype=dtype, **options)
-    hub = {k: options.pop(k) for k in ("cache_dir", "revision") if k in options}
-    path = resolve_model_path(name, **hub)
     if os.path.isfile(path):
         return load_llama(path, device=device, dtype=dtype, **options)
     raw = _read_config(path)
@@ -223,18 +216,14 @@ def _token_id(directory: str | None, token: str) -> int | None:
 
 
 def _did_engine_config(raw: dict, source: str, mask_id, block_size) -> LlamaBlockConfig:
-    version = raw.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{source}: format_version {version!r}: this did_engine reads 1 to {FORMAT_VERSION}")
-    if raw.get("model_class") != LlamaBlockDiffusionLM.checkpoint_class:
-        raise CheckpointError(f"{source} holds a {raw.get('model_class', 'BlockDiffusionLM')} checkpoint: load it "
-                              "with did_engine.load_model")
-    fields = raw.get("config")
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{source}: 'config' must be an object")
+    """A did_engine checkpoint's config.json object -> its LlamaBlockConfig (checked as every
+    did_engine checkpoint is), with the mask id and block size overridden where given."""
+    config, _ = checked_model_config(LlamaBlockDiffusionLM, raw, source)
     overrides = {k: v for k, v in (("mask_id", mask_id), ("block_size", block_size)) if v is not None}
+    if not overrides:
+        return config
     try:
-        return LlamaBlockConfig.from_dict({**fields, **overrides}, unknown="error")
+        return LlamaBlockConfig.from_dict({**config.to_dict(), **overrides}, unknown="error")
     except UserError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
 
@@ -372,19 +361,41 @@ def load_llama(name_or_path, device=None, dtype=None, *, mask_id: int | None = N
         return build_llama(config, _safetensors_sources(path, files), path, device, dtype, added_row)
 
 
-def _load_gguf(path: str, device, dtype, mask_id, block_size) -> LlamaBlockDiffusionLM:
-    """Dequantise a GGUF file with transformers' GGUF loader, then take its config and weights."""
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _read_gguf(path: str, part: str):
+    """transformers' reading of a GGUF file: ``part`` "model" (AutoModelForCausalLM,
+    dequantised) or "tokenizer" (AutoTokenizer)."""
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
     except ImportError:
         raise UserError(f"{path}: reading GGUF files needs transformers and gguf (pip install 'did_engine[eval]')") \
             from None
     directory, name = os.path.split(os.path.abspath(path))
+    auto = transformers.AutoModelForCausalLM if part == "model" else transformers.AutoTokenizer
     try:
-        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+        return auto.from_pretrained(directory, gguf_file=name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: transformers could not read this GGUF file: {first}") from None
+        raise CheckpointError(f"{path}: transformers could not read this GGUF file's {part}: {first_line(exc)}") \
+            from None
+
+
+def gguf_tokenizer(path: str):
+    """The did_engine Tokenizer of a GGUF file's vocabulary, as transformers converts it (the
+    tokenizer.json its save_pretrained would write)."""
+    from did_engine.data.tokenizer import Tokenizer
+
+    converted = _read_gguf(path, "tokenizer")
+    return Tokenizer(converted.backend_tokenizer, "bpe", {"loaded_from": os.path.abspath(path)})
+
+
+def _load_gguf(path: str, device, dtype, mask_id, block_size) -> LlamaBlockDiffusionLM:
+    """Dequantise a GGUF file with transformers' GGUF loader, then take its config and weights."""
+    hf = _read_gguf(path, "model")
+    directory = os.path.dirname(os.path.abspath(path))
     raw = hf.config.to_dict()
     config, added_row = llama_config_from_hf(raw, path, directory, mask_id, block_size)
     config.extra.update(source=path, source_file_format="gguf")

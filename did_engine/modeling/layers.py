@@ -131,8 +131,10 @@ def apply_rotary(x, cos, sin):
 
 
 def sdpa(q, k, v, mask=None):
-    """q/k/v [B, S, H, D] (any strides) -> [B, S, H, D], PyTorch SDPA (differentiable)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    """q [B, S, H, D], k/v [B, T, H_kv, D] (any strides; H_kv divides H: grouped-query
+    heads) -> [B, S, H, D], PyTorch SDPA (differentiable)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
@@ -293,9 +295,12 @@ def _dense_block_diffusion_mask(seq_len: int, block_size: int, device: str) -> t
 
 def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, path: str):
     """The training forward's attention over cat(x_t, x_0) under the block diffusion mask,
-    by ``path`` (from resolve_training_attention): q/k/v [B, 2L, H, D], after rotary ->
-    ([B, 2L, H, D], the path taken: "sdpa-dense", "flex-compiled" or "flex-eager")."""
+    by ``path`` (from resolve_training_attention): q [B, 2L, H, D], k/v [B, 2L, H_kv, D],
+    after rotary -> ([B, 2L, H, D], the path taken: "sdpa-dense", "flex-compiled" or "flex-eager")."""
     if path == "sdpa":
         return sdpa(q, k, v, _dense_block_diffusion_mask(seq_len, block_size, str(q.device))), "sdpa-dense"
+    group = q.shape[2] // k.shape[2]
+    if group > 1:  # the FlexAttention path takes one K/V head per query head
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     out = FLEX_TRAINING_ATTENTION(q, k, v, seq_len, block_size, compiled=path == "flex")
     return out, FLEX_TRAINING_ATTENTION.last_path

@@ -52,8 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from did_engine import ops
 from did_engine.errors import UserError
+from did_engine.modeling.base import BlockDiffusionBase, LastHiddenKVCache
 from did_engine.modeling.kv_cache import BlockKVCache
 from did_engine.modeling.config import (
     MAX_BLOCKS,
@@ -64,14 +64,7 @@ from did_engine.modeling.config import (
     MAX_WIDTH,
     ModelConfig,
 )
-from did_engine.modeling.dit import BlockDiffusionLM
-from did_engine.modeling.layers import (
-    FLEX_TRAINING_ATTENTION,
-    _at_least_float32,
-    apply_rotary,
-    block_diffusion_mask,
-    resolve_training_attention,
-)
+from did_engine.modeling.layers import _at_least_float32
 
 __all__ = ["LlamaBlockConfig", "LlamaBlockDiffusionLM", "LastHiddenKVCache"]
 
@@ -285,57 +278,15 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LastHiddenKVCache(BlockKVCache):
-    """A BlockKVCache that also keeps, per row, the final hidden state (before the output
-    norm) of the last committed position: a logit-shift model predicts the first token of
-    the next block from it. All zeros until something is committed, which makes that row's
-    logits zero (RMSNorm of zero is zero and the output layer has no bias).
-
-    ::
-
-        last_hidden [B, hidden_size]
-    """
-
-    def __init__(self, n_layers: int, batch_size: int, capacity: int, n_heads: int, head_dim: int,
-                 hidden_size: int, device=None, dtype=torch.float32):
-        super().__init__(n_layers, batch_size, capacity, n_heads, head_dim, device=device, dtype=dtype)
-        self.last_hidden = torch.zeros(batch_size, hidden_size, device=device, dtype=dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes + self.last_hidden.numel() * self.last_hidden.element_size()
-
-    def reset(self) -> None:
-        super().reset()
-        self.last_hidden.zero_()
-
-    def copy_(self, other: "LastHiddenKVCache") -> "LastHiddenKVCache":
-        super().copy_(other)
-        self.last_hidden.copy_(other.last_hidden)
-        return self
-
-
-def _sdpa(q, k, v, mask=None):
-    """q [B, S, H, D], k/v [B, T, H_kv, D] (any strides) -> [B, S, H, D]: PyTorch SDPA with
-    grouped-query heads (differentiable)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
-
-
 # ---------------------------------------------------------------------------------------
 # The model
 
 
-class LlamaBlockDiffusionLM(nn.Module):
-    """Block diffusion LM over Llama / Qwen2 / Qwen3 blocks. See the module docstring."""
+class LlamaBlockDiffusionLM(BlockDiffusionBase):
+    """Block diffusion LM over Llama / Qwen2 / Qwen3 blocks. See the module docstring; the
+    forwards and sampling calls are BlockDiffusionBase's, over the hooks below."""
 
-    # The sampler may ask for logits at some positions only, and fold a commit into the
-    # next block's first decode call (as with BlockDiffusionLM).
-    supports_logit_positions = True
-    supports_commit_and_decode = True
-    # A prompt of several blocks goes into an empty cache in one block-causal forward.
-    prefill_in_one_pass = True
+    config_class = LlamaBlockConfig
     # checkpoint.save_pretrained writes this into config.json, so loaders can tell the classes apart.
     checkpoint_class = "LlamaBlockDiffusionLM"
 
@@ -352,154 +303,31 @@ class LlamaBlockDiffusionLM(nn.Module):
                                                                          bias=False)
         self.rotary_emb = LlamaRotary(config.head_dim, config.rope_theta)
         self.apply(_init_weights)
-        self._mask_cache: dict = {}
-        # The training forward's attention, as BlockDiffusionLM's: None reads
-        # DID_ENGINE_TRAIN_ATTENTION (auto: FlexAttention on CUDA, dense-mask SDPA elsewhere).
-        self.training_attention: str | None = None
-        self.last_training_attention: str | None = None
+        self._init_training_attention()
 
     @property
-    def mask_id(self) -> int:
-        return self.config.mask_id
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+    def logit_shift(self) -> bool:
+        return self.config.logit_shift
 
     @property
     def output_weight(self) -> torch.Tensor:
         """[V, hidden]: the output layer's matrix (the embeddings when tied)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    # -- hooks ---------------------------------------------------------------------------
 
-    # -- shared pieces ------------------------------------------------------------------
-
-    def _layers(self, tokens, attend_for_layer):
-        """Embed and run every layer with attend_for_layer(i) as its attention -> the final
-        hidden states [B, S, hidden] (before the output norm)."""
+    def _trunk(self, tokens, sigma, attend_for_layer):
+        """Embed and run every layer with attend_for_layer(i) as its attention -> (the final
+        hidden states [B, S, hidden] before the output norm, None: no conditioning; sigma
+        is ignored)."""
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, attend_for_layer(i))
-        return x
+        return x, None
 
-    def _head(self, hidden):
+    def _output(self, hidden, cond):
         """Final hidden states [..., hidden] -> logits [..., V]."""
         return F.linear(self.model.norm(hidden), self.output_weight)
-
-    def _logits(self, hidden, logit_positions=None, before=None):
-        """Logits [B, S, V] aligned to the positions they predict, or [M, V] at the true
-        positions of logit_positions [B, S]. With logit_shift, position i takes the hidden
-        state of i - 1 and position 0 that of ``before`` [B, hidden] (the position preceding
-        the chunk; None or zeros: none, zero logits)."""
-        B, S, _ = hidden.shape
-        if self.config.logit_shift:
-            first = hidden.new_zeros(B, 1, hidden.shape[-1]) if before is None else before[:, None].to(hidden.dtype)
-            hidden = torch.cat([first, hidden[:, :-1]], dim=1)
-        if logit_positions is not None:
-            if logit_positions.shape != (B, S) or logit_positions.dtype != torch.bool:
-                raise ValueError(f"logit_positions must be a bool tensor of the tokens' shape {(B, S)}")
-            # The output layer is a large share of a forward with a big vocabulary: run it
-            # only where logits are wanted (the masked positions, when sampling).
-            hidden = hidden[logit_positions]  # [M, hidden]
-        return self._head(hidden)
-
-    def _last_hidden(self, cache):
-        """The cache's hidden state of the last committed position ([B, hidden]; None for a
-        model without logit shift)."""
-        if not self.config.logit_shift:
-            return None
-        if not isinstance(cache, LastHiddenKVCache):
-            raise ValueError("a logit-shift model needs the cache from its new_kv_cache (a LastHiddenKVCache)")
-        return cache.last_hidden
-
-    def _remember_last(self, cache, hidden) -> None:
-        """After a commit of hidden [B, n, hidden]: keep its last position for the next block."""
-        if self.config.logit_shift:
-            self._last_hidden(cache).copy_(hidden[:, -1])
-
-    # The DiT's argument checks: they depend on nothing architectural.
-    _check_tokens = BlockDiffusionLM._check_tokens
-    _check_block = BlockDiffusionLM._check_block
-    _check_forward_args = BlockDiffusionLM._check_forward_args
-    _check_refine_args = BlockDiffusionLM._check_refine_args
-
-    def _rotate(self, q, k, cos, sin):
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-    # -- forwards -----------------------------------------------------------------------
-
-    def forward(self, tokens, x0=None, block_size: int | None = None, sigma=None, logit_positions=None):
-        """Logits [B, L, V] aligned to the positions they predict ([M, V] at the true
-        positions of logit_positions; not for the training forward). ``sigma`` is ignored.
-
-        - ``model(x_t, x0=x_0, block_size=b)``: training forward over cat(x_t, x_0) under
-          the block diffusion mask; logits of the x_t half (b >= L: a global forward on x_t).
-        - ``model(tokens, block_size=b)``: block-causal, no cache.
-        - ``model(tokens)``: global bidirectional.
-        """
-        self._check_forward_args(tokens, x0, block_size, logit_positions)
-        L = tokens.shape[1]
-        if x0 is not None and block_size < L:
-            return self._training_forward(tokens, x0, block_size)
-        cos, sin = self.rotary_emb.cos_sin(torch.arange(L, device=tokens.device))
-        if block_size is None or block_size >= L:
-            def attend(q, k, v):
-                return _sdpa(*self._rotate(q, k, cos, sin), v)
-        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            # Differentiable path (the op is forward-only): SDPA with a dense mask.
-            mask = ops.reference.block_causal_mask(L, block_size, device=tokens.device)
-
-            def attend(q, k, v):
-                return _sdpa(*self._rotate(q, k, cos, sin), v, mask)
-        else:
-            def attend(q, k, v):
-                return ops.block_causal_attention(*self._rotate(q, k, cos, sin), v, block_size)
-        return self._logits(self._layers(tokens, lambda i: attend), logit_positions)
-
-    def _training_forward(self, x_t, x0, block_size):
-        B, L = x_t.shape
-        cos, sin = self.rotary_emb.cos_sin(torch.arange(L, device=x_t.device).repeat(2))  # both halves: 0..L-1
-        path = resolve_training_attention(self.training_attention, x_t.device)
-        if path == "sdpa":
-            key = (L, block_size, str(x_t.device))
-            if key not in self._mask_cache:
-                self._mask_cache[key] = block_diffusion_mask(L, block_size, device=x_t.device)  # [2L, 2L]
-            mask = self._mask_cache[key]
-            self.last_training_attention = "sdpa-dense"
-
-            def attend(q, k, v):
-                return _sdpa(*self._rotate(q, k, cos, sin), v, mask)
-        else:
-            flex = FLEX_TRAINING_ATTENTION
-            group = self.config.num_attention_heads // self.config.num_key_value_heads
-
-            def attend(q, k, v):
-                q, k = self._rotate(q, k, cos, sin)
-                # The shared FlexAttention path takes one K/V head per query head.
-                k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-                out = flex(q, k, v, L, block_size, compiled=path == "flex")
-                self.last_training_attention = flex.last_path
-                return out
-
-        hidden = self._layers(torch.cat([x_t, x0], dim=1), lambda i: attend)  # [B, 2L, hidden]
-        if not self.config.logit_shift:
-            return self._head(hidden[:, :L])
-        # Token i is predicted from position i - 1: in the x_0 stream when i starts a block
-        # (an x_t block does not see the x_t block before it), in the x_t stream otherwise.
-        # Index 0 of `padded` is a zero row: position 0 has no predecessor (zero logits).
-        i = torch.arange(L, device=x_t.device)
-        source = torch.where(i % block_size == 0, L + i, i)  # = (index of position i - 1) + 1 in padded
-        source[0] = 0
-        padded = torch.cat([hidden.new_zeros(B, 1, hidden.shape[-1]), hidden], dim=1)
-        return self._head(padded[:, source])
-
-    # -- KV-cached sampling --------------------------------------------------------------
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> BlockKVCache:
         """A preallocated cache of up to ``max_len`` committed tokens per row (default
@@ -513,166 +341,6 @@ class LlamaBlockDiffusionLM(nn.Module):
             return LastHiddenKVCache(*shape, hidden_size=cfg.hidden_size, **where)
         return BlockKVCache(*shape, **where)
 
-    def decode(self, block_tokens, cache: BlockKVCache, sigma=None, logit_positions=None):
-        """Logits [B, n, V] of the active block against the cache ([M, V] at the true
-        positions of logit_positions [B, n]); the cache is unchanged. With logit shift, row
-        0 comes from the cached last committed position."""
-        self._check_block(block_tokens, cache)
-        n = block_tokens.shape[1]
-        if n > cache.capacity:
-            raise ValueError(f"a block of {n} tokens exceeds the cache capacity {cache.capacity}")
-        before = self._last_hidden(cache)
-        cos, sin = self.rotary_emb.cos_sin(cache.positions(n))  # [B, n, 1, D/2]
-
-        def attend_for_layer(i):
-            def attend(q, k, v):
-                q, k = self._rotate(q, k, cos, sin)
-                return ops.block_decode_attention(q, cache.k[i], cache.v[i], k, v, cache.lengths)
-            return attend
-
-        return self._logits(self._layers(block_tokens, attend_for_layer), logit_positions, before)
-
-    @torch.no_grad()
-    def commit(self, block_tokens, cache: BlockKVCache, sigma=None, block_size: int | None = None) -> int:
-        """Append a finished block's K/V to the cache (one forward over the clean block),
-        and with logit shift its last position's hidden state. A chunk longer than
-        ``block_size`` (a prompt) is the block-causal prefill: one forward into an empty
-        cache (``prefill_in_one_pass``), otherwise block by block. When the cache is full,
-        the oldest blocks slide out. Returns the number of forwards run."""
-        self._check_block(block_tokens, cache)
-        n = block_tokens.shape[1]
-        step = block_size or n
-        if n > step and self.prefill_in_one_pass and cache.known_empty and n <= cache.capacity:
-            self._prefill(block_tokens, cache, step)
-            return 1
-        for start in range(0, n, step):
-            chunk = block_tokens[:, start : start + step]
-            cache.make_room(chunk.shape[1], block_size=self.config.block_size)
-            cos, sin = self.rotary_emb.cos_sin(cache.positions(chunk.shape[1]))
-
-            def attend_for_layer(i):
-                def attend(q, k, v):
-                    q, k = self._rotate(q, k, cos, sin)
-                    out = ops.block_decode_attention(q, cache.k[i], cache.v[i], k, v, cache._layer_lengths[i])
-                    cache.commit_layer(i, k, v)
-                    return out
-                return attend
-
-            self._remember_last(cache, self._layers(chunk, attend_for_layer))
-        return -(-n // step)
-
-    def _prefill(self, tokens, cache: BlockKVCache, block_size: int) -> None:
-        """One block-causal forward over a prompt [B, P] into an empty cache."""
-        cache.make_room(tokens.shape[1], block_size=self.config.block_size)
-        cos, sin = self.rotary_emb.cos_sin(cache.positions(tokens.shape[1]))  # [B, P, 1, D/2]
-
-        def attend_for_layer(i):
-            def attend(q, k, v):  # [B, P, H, D]
-                q, k = self._rotate(q, k, cos, sin)
-                out = ops.block_causal_attention(q, k, v, block_size)
-                cache.commit_layer(i, k, v)
-                return out
-            return attend
-
-        self._remember_last(cache, self._layers(tokens, attend_for_layer))
-
-    @torch.no_grad()
-    def commit_and_decode(self, clean_tokens, block_tokens, cache: BlockKVCache, sigma=None, logit_positions=None):
-        """``commit(clean_tokens, cache)`` then ``decode(block_tokens, cache)`` in one forward
-        (the weights are read once). Attention keeps the two calls' semantics: the clean
-        rows see the cache and themselves, the block rows the cache, the clean block and
-        themselves. Returns the block's logits [B, n, V], or [M, V] at logit_positions."""
-        self._check_block(clean_tokens, cache)
-        self._check_block(block_tokens, cache)
-        n1, n2 = clean_tokens.shape[1], block_tokens.shape[1]
-        if logit_positions is not None and (logit_positions.shape != block_tokens.shape
-                                            or logit_positions.dtype != torch.bool):
-            raise ValueError(f"logit_positions must be a bool tensor of the block's shape {tuple(block_tokens.shape)}")
-        before = self._last_hidden(cache)
-        cache.make_room(n1, block_size=self.config.block_size)
-        if n2 > cache.capacity:
-            raise ValueError(f"a block of {n2} tokens exceeds the cache capacity {cache.capacity}")
-        cos, sin = self.rotary_emb.cos_sin(cache.positions(n1 + n2))  # [B, n1 + n2, 1, D/2]
-
-        def attend_for_layer(i):
-            def attend(q, k, v):
-                q, k = self._rotate(q, k, cos, sin)  # [B, n1 + n2, H or H_kv, D]
-                lengths = cache._layer_lengths[i]
-                clean = ops.block_decode_attention(q[:, :n1], cache.k[i], cache.v[i], k[:, :n1], v[:, :n1], lengths)
-                cache.commit_layer(i, k[:, :n1], v[:, :n1])  # advances lengths by n1
-                block = ops.block_decode_attention(q[:, n1:], cache.k[i], cache.v[i], k[:, n1:], v[:, n1:], lengths)
-                return torch.cat([clean, block], dim=1)
-            return attend
-
-        B = block_tokens.shape[0]
-        hidden = self._layers(torch.cat([clean_tokens, block_tokens], dim=1), attend_for_layer)
-        wanted = torch.ones_like(block_tokens, dtype=torch.bool) if logit_positions is None else logit_positions
-        need = torch.cat([torch.zeros(B, n1, dtype=torch.bool, device=wanted.device), wanted], dim=1)
-        logits = self._logits(hidden, need, before)  # the shift reaches across into the clean block
-        self._remember_last(cache, hidden[:, :n1])
-        return logits if logit_positions is not None else logits.view(B, n2, -1)
-
-    @torch.no_grad()
-    def refine_forward(self, tokens, context: BlockKVCache, positions=None, write=None, sigma=None,
-                       logit_positions=None):
-        """Global bidirectional forward that keeps every layer's K/V in ``context``, then
-        re-runs only some positions against them (approximate refinement steps), as
-        BlockDiffusionLM.refine_forward:
-
-        - ``positions=None``: the global forward ``model(tokens)``; each layer's K/V of all
-          L tokens are written to ``context`` (capacity >= L).
-        - ``positions`` int64 [B, r]: those tokens go through the layers, overwrite their
-          K/V in ``context`` (where ``write`` [B, r] is true) and attend over all L stored
-          keys. With logit shift the logits at p come from position p - 1, so the
-          predecessors p - 1 are re-run too, as queries that write nothing (2r rows).
-
-        Returns logits [B, S, V] (S = L or r), or [M, V] at logit_positions ([B, S] bool).
-        """
-        self._check_refine_args(tokens, context, positions, write)
-        B, L = tokens.shape
-        shift = self.config.logit_shift
-        if positions is None:
-            rows, where, keep = tokens, torch.arange(L, device=tokens.device)[None], None  # [1, L]
-        else:
-            r = positions.shape[1]
-            if r == 0:  # nothing to re-run
-                V = self.config.vocab_size
-                return tokens.new_zeros((0, V) if logit_positions is not None else (B, 0, V), dtype=self.dtype)
-            keep = torch.ones_like(positions, dtype=torch.bool) if write is None else write
-            where = positions
-            if shift:
-                where = torch.cat([positions, (positions - 1).clamp(min=0)], dim=1)  # [B, 2r]
-                keep = torch.cat([keep, torch.zeros_like(keep)], dim=1)
-            rows = tokens.gather(1, where)
-        cos, sin = self.rotary_emb.cos_sin(where)  # [B or 1, S, 1, D/2]
-        batch_index = None if positions is None else torch.arange(B, device=tokens.device)[:, None].expand_as(where)
-
-        def attend_for_layer(i):
-            def attend(q, k, v):
-                q, k = self._rotate(q, k, cos, sin)
-                if positions is None:
-                    context.k[i, :, :L], context.v[i, :, :L] = k, v
-                    return _sdpa(q, k, v)
-                context.k[i][batch_index[keep], where[keep]] = k[keep]
-                context.v[i][batch_index[keep], where[keep]] = v[keep]
-                return _sdpa(q, context.k[i, :, :L], context.v[i, :, :L])
-            return attend
-
-        hidden = self._layers(rows, attend_for_layer)
-        if positions is None:
-            context.set_lengths(L)
-            return self._logits(hidden, logit_positions)
-        if shift:  # the predecessors' hidden states; position 0 has none (zero logits)
-            hidden = torch.where((positions > 0)[..., None], hidden[:, r:], 0.0)
-        if logit_positions is not None:
-            if logit_positions.shape != positions.shape or logit_positions.dtype != torch.bool:
-                raise ValueError(f"logit_positions must be a bool tensor of the positions' shape "
-                                 f"{tuple(positions.shape)}")
-            hidden = hidden[logit_positions]
-        return self._head(hidden)
-
-    # -- checkpoints ---------------------------------------------------------------------
-
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None, **options) -> "LlamaBlockDiffusionLM":
         """Load a did_engine checkpoint, a Hugging Face directory or hub name (sdar,
@@ -681,12 +349,6 @@ class LlamaBlockDiffusionLM(nn.Module):
         from did_engine.modeling.hf_checkpoints import load_llama
 
         return load_llama(name_or_path, device=device, dtype=dtype, **options)
-
-    def save_pretrained(self, path) -> None:
-        """Write config.json + model.safetensors into directory `path` (atomically, no pickle)."""
-        from did_engine.modeling.checkpoint import save_pretrained
-
-        save_pretrained(self, path)
 
 
 def _init_weights(module) -> None:

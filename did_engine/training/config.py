@@ -82,10 +82,14 @@ class TrainConfig:
         "run directory: checkpoints/, final/ (the trained model), metrics.jsonl, loss.png, train_config.json",
         group=DATA))
     model: str = field(default="preset:tiny", metadata=opt(
-        "preset:NAME (tiny, small; vocabulary and L are taken from the data) to train from scratch, or a checkpoint "
-        "directory to fine-tune (ours or a BD3-LM Hugging Face directory with config.json + model.safetensors)",
+        "preset:NAME (tiny, small; vocabulary and L are taken from the data) to train a DiT from scratch; a "
+        "checkpoint to fine-tune (ours of either class, BD3-LM's, an SDAR / Fast-dLLM v2 Hugging Face directory or "
+        "hub name: mix-scale training of a block diffusion LM); or a causal LM to adapt (a llama / qwen2 / qwen3 "
+        "directory or hub name, a .gguf file, smollm2-135m: a mask token is added, logit shift on). The data must "
+        "be tokenised with the model's tokenizer",
         group=DATA))
-    dropout: float | None = field(default=None, metadata=opt("override the model's dropout probability", group=DATA))
+    dropout: float | None = field(default=None, metadata=opt("override the model's dropout probability (DiT only)",
+                                                                    group=DATA))
     # mix-scale block diffusion
     block_sizes: dict = field(default_factory=lambda: {4: 0.9, "L": 0.1}, metadata=opt(
         "block size distribution SIZE:PROB,...; each training sequence draws its block size; L = the whole "

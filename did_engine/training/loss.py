@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from did_engine.diffusion import draw_block_noise, model_nelbo_terms
-from did_engine.modeling.dit import BlockDiffusionLM
+from did_engine.modeling.base import BlockDiffusionBase
 from did_engine.training.config import TrainConfig
 
 
@@ -41,7 +41,7 @@ class MixScaleLoss(nn.Module):
     (term sum, token count) for logging, in ``sizes`` order.
     """
 
-    def __init__(self, model: BlockDiffusionLM, sizes, schedule, amp_dtype=None):
+    def __init__(self, model: BlockDiffusionBase, sizes, schedule, amp_dtype=None):
         super().__init__()
         self.model = model
         self.sizes = [int(b) for b in sizes]

@@ -46,7 +46,7 @@ from did_engine.diffusion import DEFAULT_EPS, draw_block_noise, evaluate_nelbo, 
 from did_engine.errors import UserError
 from did_engine.modeling.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_safetensors, read_json_file
 from did_engine.modeling.dit import BlockDiffusionLM
-from did_engine.modeling.loading import load_model, load_weights_into
+from did_engine.modeling.loading import load_model, load_weights_into, locate, tokenizer_of, vocabulary_mismatch
 from did_engine.training.config import TrainConfig, TrainConfigError
 from did_engine.training.loss import MixScaleLoss, draw_batch_noise
 from did_engine.training.state import (EMA, TRAINER_STATE, list_checkpoints, optimizer_from_flat, rng_tensors,
@@ -172,22 +172,29 @@ class Trainer:
 
     # -- construction ------------------------------------------------------------------------
 
-    def _build_model(self) -> BlockDiffusionLM:
+    def _build_model(self):
+        """The model of --model on this rank's device, in training mode: a DiT preset sized
+        to the data, or a checkpoint of either class (fine-tuning, or adapting a causal LM)
+        whose vocabulary and context fit the data."""
         cfg, L = self.cfg, self.seq_len
-        vocab = self.train_data.model_vocab_size
         dropout = {} if cfg.dropout is None else {"dropout": cfg.dropout}
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.model.startswith("preset:"):
-            model = load_model(cfg.model, vocab_size=vocab, model_length=L, block_size=min(self.probs), **dropout)
+            model = load_model(cfg.model, vocab_size=self.train_data.model_vocab_size, model_length=L,
+                               block_size=min(self.probs), **dropout)
         else:
-            model = load_model(cfg.model, **dropout)
-            mc = model.config
-            if mc.vocab_size != vocab:
-                raise TrainConfigError(f"the model's vocabulary ({mc.vocab_size}) differs from the dataset's "
-                                       f"({vocab} = tokenizer + mask): prepare the data with the model's tokenizer")
-            if mc.model_length != L:
-                raise TrainConfigError(f"the model was trained on L = {mc.model_length} but the dataset's sequences "
-                                       f"have {L} tokens: prepare the data with --seq-len {mc.model_length}")
+            path = locate(cfg.model)
+            model = load_model(path, **dropout)
+            mismatch = vocabulary_mismatch(model, self.train_data.model_vocab_size - 1, tokenizer_of(path))
+            if mismatch:  # (model_vocab_size is the data's tokenizer + the mask)
+                raise TrainConfigError(mismatch)
+            length = model.config.model_length
+            if isinstance(model, BlockDiffusionLM) and length != L:  # BD3-LM's DiT is trained at one length
+                raise TrainConfigError(f"the model was trained on L = {length} but the dataset's sequences "
+                                       f"have {L} tokens: prepare the data with --seq-len {length}")
+            if L > length:
+                raise TrainConfigError(f"the dataset's sequences have {L} tokens, more than the model's context "
+                                       f"({length}): prepare the data with a --seq-len of at most {length}")
         for b in self.probs:
             if b > model.config.model_length:
                 raise TrainConfigError(f"block size {b} exceeds the model length {model.config.model_length}")

@@ -11,7 +11,7 @@ import torch
 
 from did_engine.modeling.checkpoint import CheckpointError
 from did_engine.errors import UserError
-from did_engine.modeling.hf_checkpoints import load_model
+from did_engine.modeling.loading import load_model
 from did_engine.modeling.llama import LastHiddenKVCache, LlamaBlockConfig, LlamaBlockDiffusionLM
 from did_engine.ops.reference import block_causal_mask
 from support import BD3LM_FIXTURE
@@ -350,7 +350,11 @@ def test_save_load_round_trip_is_exact(tmp_path, kind, shift):
     model = random_ours(kind, shift, block_size=5)
     model.config.extra["note"] = "kept"
     model.save_pretrained(tmp_path)
-    for loaded in (LlamaBlockDiffusionLM.from_pretrained(tmp_path), load_model(tmp_path)):
+    from did_engine.modeling import checkpoint
+
+    # checkpoint.load_pretrained reads either class through its config_class hook
+    for loaded in (LlamaBlockDiffusionLM.from_pretrained(tmp_path), load_model(tmp_path),
+                   checkpoint.load_pretrained(LlamaBlockDiffusionLM, tmp_path)):
         assert isinstance(loaded, LlamaBlockDiffusionLM) and loaded.config == model.config
         assert list(loaded.state_dict()) == list(model.state_dict())
         for name, t in model.state_dict().items():
@@ -362,6 +366,11 @@ def test_save_load_round_trip_is_exact(tmp_path, kind, shift):
 
     with pytest.raises(CheckpointError, match="LlamaBlockDiffusionLM.*load_model"):
         BlockDiffusionLM.from_pretrained(tmp_path)
+    dit_dir = tmp_path / "dit"
+    BlockDiffusionLM(vocab_size=37, model_length=24, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4).save_pretrained(
+        dit_dir)
+    with pytest.raises(CheckpointError, match="'BlockDiffusionLM' checkpoint, not a LlamaBlockDiffusionLM"):
+        LlamaBlockDiffusionLM.from_pretrained(dit_dir)
     with pytest.raises(CheckpointError, match="unknown model config keys 'n_layers'"):
         header["config"]["n_layers"] = 3
         json.dump(header, open(tmp_path / "config.json", "w"))

@@ -77,3 +77,51 @@ def check_shifted(ours_logits, hf_logits, tol=1e-4):
     """A shift model's logits at i are the causal LM's at i - 1; position 0 is all zeros."""
     check_close(ours_logits[:, 1:], hf_logits[:, :-1], tol)
     assert torch.equal(ours_logits[:, 0], torch.zeros_like(ours_logits[:, 0]))
+
+
+# -- a tiny Llama-family Hugging Face directory whose tokens are UTF-8 bytes --------------------
+
+BYTES_EOS = 256  # as tests/support/training_data.py: bytes 0..255, then <|endoftext|>
+
+
+def _byte_characters() -> list:
+    """GPT-2's printable stand-in character of each byte 0..255 (the ByteLevel pre-tokenizer's map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def byte_tokenizer():
+    """A `tokenizers` byte-level tokenizer whose ids are the UTF-8 bytes of the text (no
+    merges) and 256 = <|endoftext|>: the ids of the training tests' byte datasets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: b for b, c in enumerate(_byte_characters())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    assert tokenizer.token_to_id("<|endoftext|>") == BYTES_EOS
+    return tokenizer
+
+
+def write_byte_llama(directory, kind: str = "llama", seed: int = 0, model_type: str | None = None, **config) -> str:
+    """A random transformers causal LM of ``kind`` over the byte vocabulary (257 tokens),
+    saved with save_pretrained, with the byte tokenizer (tokenizer.json and
+    tokenizer_config.json, as transformers writes them); ``model_type`` relabels config.json
+    (e.g. "sdar", with a <|MASK|> token added to the tokenizer). Returns the directory."""
+    import json
+    import os
+
+    tokenizer = byte_tokenizer()
+    if model_type == "sdar":
+        tokenizer.add_special_tokens(["<|MASK|>"])  # id 257
+    hf = hf_model(kind, seed, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=64, **config)
+    hf.save_pretrained(directory)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                         bos_token="<|endoftext|>").save_pretrained(directory)
+    if model_type:
+        path = os.path.join(directory, "config.json")
+        raw = json.load(open(path))
+        json.dump({**raw, "model_type": model_type}, open(path, "w"))
+    return str(directory)
