@@ -194,6 +194,9 @@ def add_sampler_options(parser, *, top_p_and_temperature: bool = True) -> None:
                             "the k most confident, or all above a threshold")
     draft.add_argument("--tokens-per-step", type=argument_type(positive_int), default=2, help="k of the topk strategy")
     draft.add_argument("--threshold", type=argument_type(finite_float), default=0.9, help="tau of the threshold strategy")
+    draft.add_argument("--min-tokens-per-step", type=argument_type(positive_int), default=1,
+                       help="threshold strategy: each step fills at least this many of the most confident "
+                            "positions (1: Fast-dLLM v2's rule; k > 1: SDAR's low_confidence_dynamic)")
     draft.add_argument("--mdlm-steps", type=argument_type(positive_int), default=None,
                        help="model calls of the mdlm method (default: one per token)")
     refine = group(parser, "refinement")
@@ -232,7 +235,8 @@ def sampler_config_from_args(args):
     if getattr(args, "reuse_context", False):
         stages = [dataclasses.replace(s, reuse_context=True) if s.block_size is None else s for s in stages]
     return SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
-                         tokens_per_step=args.tokens_per_step, threshold=args.threshold, stages=stages,
+                         tokens_per_step=args.tokens_per_step, threshold=args.threshold,
+                         min_tokens_per_step=args.min_tokens_per_step, stages=stages,
                          remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,
                          top_p=args.top_p, temperature=args.temperature, eos_id=args.eos_id,
                          stop_at_eos=args.stop_at_eos)

@@ -15,6 +15,7 @@ from did_engine.diffusion import evaluate_nelbo
 from did_engine.evaluation.config import EvalConfig, EvalError, sample_seed
 from did_engine.evaluation.judge import Judge
 from did_engine.evaluation.metrics import gen_ppl_summary, unigram_entropy
+from did_engine.modeling.loading import vocabulary_mismatch
 
 
 @dataclass
@@ -110,9 +111,9 @@ def validation_nelbo(model, data_dir: str, *, block_size: int, batch_size: int =
                      seed: int = 0) -> dict:
     """Validation NELBO perplexity of the prepared dataset in ``data_dir`` (did_engine.evaluate_nelbo)."""
     dataset = TokenDataset(data_dir, "validation")
-    if dataset.model_vocab_size != model.config.vocab_size:
-        raise EvalError(f"{data_dir} was tokenised for a model vocabulary of {dataset.model_vocab_size}, "
-                        f"the model has {model.config.vocab_size}")
+    mismatch = vocabulary_mismatch(model, dataset.model_vocab_size - 1)  # the same rule as training's
+    if mismatch:
+        raise EvalError(f"{data_dir}: {mismatch}")
     generator = torch.Generator().manual_seed(seed)  # the noise is drawn on the CPU
     out = evaluate_nelbo(model, dataset, block_size=block_size, batch_size=batch_size, max_batches=max_batches,
                          generator=generator)

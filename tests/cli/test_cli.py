@@ -220,3 +220,15 @@ def test_the_package_never_imports_the_cli():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_min_tokens_per_step_reaches_the_sampler_and_is_refused_with_other_strategies(capsys):
+    from did_engine.cli.options import sampler_config_from_args
+
+    args = build_parser().parse_args(["generate", "--strategy", "threshold", "--min-tokens-per-step", "3"])
+    cfg = sampler_config_from_args(args)
+    assert (cfg.strategy, cfg.min_tokens_per_step) == ("threshold", 3)
+    assert sampler_config_from_args(build_parser().parse_args(["generate"])).min_tokens_per_step == 1
+    assert main(["generate", "--strategy", "topk", "--min-tokens-per-step", "2", "--length", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "min_tokens_per_step" in err[0]

@@ -445,7 +445,7 @@ def test_data_with_another_vocabulary_is_refused(model_dir, judge_dir, tmp_path,
                    splits={"validation": split})
     assert main(["eval", "--model", model_dir, "--data", str(data), "--judge", judge_dir, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "vocabulary of 50258" in err[0]
+    assert len(err) == 1 and "tokenizer has 50257 tokens" in err[0] and "67 = tokenizer + mask" in err[0]
 
 
 # ---------------------------------------------------------------------------------------
