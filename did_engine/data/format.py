@@ -34,7 +34,6 @@ FORMAT = "did_engine.tokens"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
-SPLITS = ("train", "validation")
 
 
 class DatasetError(UserError):

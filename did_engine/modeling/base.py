@@ -107,6 +107,11 @@ class BlockDiffusionBase(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _conditioning(self, batch_size: int, sigma, device):
+        """The conditioning vector the output layer takes ([B, c]), or None (the default: a
+        model without time conditioning)."""
+        return None
+
     # -- the output side ----------------------------------------------------------------
 
     def _head(self, hidden, cond, logit_positions=None):
@@ -256,6 +261,12 @@ class BlockDiffusionBase(nn.Module):
         if n > cache.capacity:
             raise ValueError(f"a block of {n} tokens exceeds the cache capacity {cache.capacity}")
         before = self._last_hidden(cache)
+        if before is not None and n == 1:
+            # With logit shift a one-token block is predicted from the last committed position
+            # alone, and its own forward would feed nothing else: run none (block-1 / AR
+            # decoding then costs one output layer here and one row in the commit).
+            cond = self._conditioning(block_tokens.shape[0], sigma, block_tokens.device)
+            return self._head(before[:, None].to(self.dtype), cond, logit_positions)
         cos, sin = self.rotary_emb.cos_sin(cache.positions(n))  # [B, n, 1, D/2]
 
         def attend_for_layer(i):
@@ -339,6 +350,11 @@ class BlockDiffusionBase(nn.Module):
         if logit_positions is not None and (logit_positions.shape != block_tokens.shape
                                             or logit_positions.dtype != torch.bool):
             raise ValueError(f"logit_positions must be a bool tensor of the block's shape {tuple(block_tokens.shape)}")
+        if self.logit_shift and n2 == 1:
+            # The one-token block's logits come from the clean block's last position (see
+            # decode): the commit's forward of n1 rows is all that is needed.
+            self.commit(clean_tokens, cache, sigma)
+            return self.decode(block_tokens, cache, sigma, logit_positions)
         before = self._last_hidden(cache)
         cache.make_room(n1, block_size=self.config.block_size)
         if n2 > cache.capacity:

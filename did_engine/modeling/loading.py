@@ -120,11 +120,6 @@ def tokenizer_of(path: str):
         raise UserError(f"{file} is not a Hugging Face tokenizers file ({first_line(exc)})") from None
 
 
-def load_tokenizer_beside(spec: str):
-    """The tokenizer that comes with the model ``spec`` names, or None (presets have none)."""
-    return None if os.fspath(spec).startswith("preset:") else tokenizer_of(locate(spec))
-
-
 def load_for_sampling(spec: str, device=None, dtype=None) -> tuple:
     """(model, tokenizer or None) for the sampling commands; a preset gets the weights of
     torch seed 0 and no dropout, so `--model preset:NAME` is the same model every run."""

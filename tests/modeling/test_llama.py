@@ -176,7 +176,7 @@ def test_prompt_prefill_in_one_forward_equals_block_by_block_commits(shift, P, b
         same(model.decode(rest, one), model.decode(rest, blocks))
 
 
-@pytest.mark.parametrize("shift,block,n2", [(True, 4, 4), (False, 3, 1), (True, 5, 2)])
+@pytest.mark.parametrize("shift,block,n2", [(True, 4, 4), (False, 3, 1), (True, 5, 2), (True, 4, 1), (True, 1, 1)])
 def test_commit_and_decode_equals_commit_then_decode(shift, block, n2):
     """Every block of a sequence that overflows the cache (the sliding window included)."""
     model = random_ours("qwen2", shift, seed=12, block_size=block)
