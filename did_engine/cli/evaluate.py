@@ -8,8 +8,8 @@ import os
 import sys
 
 from did_engine.cli.options import (CLIError, HelpFormatter, add_config_options, add_device_options,
-                                    add_sampler_options, add_top_p_and_temperature, argument_type, check_device,
-                                    config_values, group, sampler_config_from_args)
+                                    add_sampler_options, argument_type, check_device, config_values, group,
+                                    sampler_config_from_args)
 from did_engine.data.tokenizer import start_ids
 from did_engine.evaluation.config import EvalConfig, RejectionRule
 from did_engine.evaluation.judge import JudgeConfig, load_judge
@@ -17,6 +17,7 @@ from did_engine.evaluation.report import build_report, report_markdown, write_ou
 from did_engine.evaluation.runner import evaluate_model, text_tokenizer, validation_nelbo
 from did_engine.modeling.loading import DTYPES, load_for_sampling
 from did_engine.parsing import positive_int
+from did_engine.sampling import SamplerConfig
 
 
 def add_common_options(p, default_samples: int) -> None:
@@ -37,7 +38,7 @@ def add_common_options(p, default_samples: int) -> None:
                      help="tokens per sample, prompt included (default: the model's context length)")
     smp.add_argument("--no-bos", action="store_true",
                      help="without --prompt-ids, start samples from nothing instead of the BOS token")
-    add_top_p_and_temperature(p, "samples")
+    add_config_options(p, SamplerConfig, only=("top_p", "temperature"), title="samples")
     smp.add_argument("--reject-low-entropy", action="store_true",
                      help="BD3-LM's rule: redraw samples whose last --entropy-window tokens have unigram "
                           "entropy below --entropy-threshold nats")
@@ -97,7 +98,7 @@ def add_parser(subparsers) -> None:
                     "Gen PPL (mean of per-sample PPL and token-weighted), unigram entropy, NFE, wall time and "
                     "tokens/s, and with --data the validation NELBO perplexity, as JSON and a markdown table.")
     add_common_options(p, default_samples=32)
-    add_sampler_options(p, top_p_and_temperature=False)  # as in `did-engine generate`; top-p is common
+    add_sampler_options(p)  # as in `did-engine generate`; --top-p and --temperature are already in "samples"
     val = group(p, "validation NELBO")
     val.add_argument("--data", default=None,
                      help="prepared token dataset directory (did-engine data prepare): report the NELBO "

@@ -18,7 +18,7 @@ import re
 
 from did_engine.errors import UserError
 from did_engine.modeling.loading import DTYPES
-from did_engine.parsing import comma_text, finite_float, nonnegative_int, option_of, positive_int
+from did_engine.parsing import comma_text, option_of
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,16 +90,21 @@ def group(parser, title):
     return groups[title]
 
 
-def add_config_options(parser, cls, defaults: dict | None = None) -> None:
+def add_config_options(parser, cls, defaults: dict | None = None, *, only: tuple | None = None,
+                       title: str | None = None) -> None:
     """One option per field of dataclass ``cls`` that carries ``opt`` metadata.
 
     bool fields become --x / --no-x; list, tuple and dict defaults are shown (and parsed
     back by the option's parser) as their option text, e.g. 4:0.9,L:0.1. ``defaults``
-    replaces field defaults for this command (e.g. fewer samples for ablate).
+    replaces field defaults for this command (e.g. fewer samples for ablate). ``only`` limits
+    the options to those fields, ``title`` puts them in that group instead of their own (eval's
+    --top-p in its samples group); a field whose option the parser already has is skipped.
     """
     for field in dataclasses.fields(cls):
         option = option_of(field)
-        if option is None:
+        if option is None or (only is not None and field.name not in only):
+            continue
+        if _flag(field) in parser._option_string_actions:  # added earlier, in another group
             continue
         default = (defaults or {}).get(field.name, _default(field))
         kwargs = {"dest": _dest(field), "help": option.help}
@@ -107,7 +112,7 @@ def add_config_options(parser, cls, defaults: dict | None = None) -> None:
             kwargs["choices"] = list(option.choices)
         if option.metavar:
             kwargs["metavar"] = option.metavar
-        target = group(parser, option.group)
+        target = group(parser, title or option.group)
         if field.type == "bool":
             target.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=default, **kwargs)
             continue
@@ -147,7 +152,7 @@ def config_values(cls, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Options without a config dataclass: the model to load, the sampler of generate and eval
+# Options without a config dataclass: the model to load, the refinement stages
 
 
 def add_device_options(group, *, dtype_help: str = "model dtype") -> None:
@@ -181,24 +186,13 @@ def parse_stage(text: str):
         raise CLIError(f"bad stage {text!r}: {exc}") from None
 
 
-def add_sampler_options(parser, *, top_p_and_temperature: bool = True) -> None:
-    """The draft, refinement and sampling options (of `generate` and `eval`); read them back
-    with sampler_config_from_args. (SamplerConfig's fields and these options differ: one
-    --stage per RefineStage, --no-refine, --reuse-context.)"""
-    draft = group(parser, "draft")
-    draft.add_argument("--method", default="did", choices=["did", "mdlm"],
-                       help="did: block draft + refinement stages; mdlm: global sampling from all-mask (baseline)")
-    draft.add_argument("--block-size", type=argument_type(positive_int), default=4, help="draft block size")
-    draft.add_argument("--strategy", default="first_hitting", choices=["first_hitting", "topk", "threshold"],
-                       help="which masked positions each draft step fills: one uniformly chosen (BD3-LM), "
-                            "the k most confident, or all above a threshold")
-    draft.add_argument("--tokens-per-step", type=argument_type(positive_int), default=2, help="k of the topk strategy")
-    draft.add_argument("--threshold", type=argument_type(finite_float), default=0.9, help="tau of the threshold strategy")
-    draft.add_argument("--min-tokens-per-step", type=argument_type(positive_int), default=1,
-                       help="threshold strategy: each step fills at least this many of the most confident "
-                            "positions (1: Fast-dLLM v2's rule; k > 1: SDAR's low_confidence_dynamic)")
-    draft.add_argument("--mdlm-steps", type=argument_type(positive_int), default=None,
-                       help="model calls of the mdlm method (default: one per token)")
+def add_sampler_options(parser) -> None:
+    """The draft, refinement and sampling options (of `generate` and `eval`): SamplerConfig's
+    and the refinement stages'; read them back with sampler_config_from_args."""
+    from did_engine.sampling import SamplerConfig
+
+    add_config_options(parser, SamplerConfig)
+    # Hand-written: together these build SamplerConfig.stages (RefineStages), not one field each.
     refine = group(parser, "refinement")
     refine.add_argument("--stage", dest="stages", type=argument_type(parse_stage), action="append", default=None,
                         help="refinement stage BLOCK:RATIO[:STEPS] (repeatable; BLOCK 'global' = whole "
@@ -209,22 +203,6 @@ def add_sampler_options(parser, *, top_p_and_temperature: bool = True) -> None:
                         help="global stages: after one full forward, re-run only the remasked positions "
                              "against the stored K/V of the rest (approximate; a step then costs about "
                              "RATIO of a full one)")
-    refine.add_argument("--policy", default="snapshot", choices=["snapshot", "posthoc", "random"],
-                        help="which tokens a stage remasks: lowest snapshot confidence (DiD), lowest "
-                             "probability under a re-scoring forward, or random")
-    if top_p_and_temperature:
-        add_top_p_and_temperature(parser, "sampling")
-    samp = group(parser, "sampling")
-    samp.add_argument("--eos-id", type=argument_type(nonnegative_int), default=None, help="end-of-sequence token id")
-    samp.add_argument("--stop-at-eos", action="store_true", help="end each sample at its first EOS")
-
-
-def add_top_p_and_temperature(parser, title: str) -> None:
-    """--top-p and --temperature, the sampling options every sampling command has."""
-    samp = group(parser, title)
-    samp.add_argument("--top-p", type=argument_type(finite_float), default=0.9, help="nucleus sampling mass")
-    samp.add_argument("--temperature", type=argument_type(finite_float), default=1.0,
-                      help="softmax temperature (0: greedy)")
 
 
 def sampler_config_from_args(args):
@@ -234,9 +212,4 @@ def sampler_config_from_args(args):
     stages = [] if args.no_refine else (args.stages if args.stages is not None else [RefineStage(None, 0.25, 8)])
     if getattr(args, "reuse_context", False):
         stages = [dataclasses.replace(s, reuse_context=True) if s.block_size is None else s for s in stages]
-    return SamplerConfig(length=args.length, block_size=args.block_size, strategy=args.strategy,
-                         tokens_per_step=args.tokens_per_step, threshold=args.threshold,
-                         min_tokens_per_step=args.min_tokens_per_step, stages=stages,
-                         remask_policy=args.policy, method=args.method, mdlm_steps=args.mdlm_steps,
-                         top_p=args.top_p, temperature=args.temperature, eos_id=args.eos_id,
-                         stop_at_eos=args.stop_at_eos)
+    return SamplerConfig(length=args.length, stages=stages, **config_values(SamplerConfig, args))

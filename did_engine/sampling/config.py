@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from did_engine.errors import UserError
+from did_engine.parsing import finite_float, nonnegative_int, opt, positive_int
 
 DRAFT_STRATEGIES = ("first_hitting", "topk", "threshold")
 REMASK_POLICIES = ("snapshot", "posthoc", "random")
@@ -77,24 +78,35 @@ class RefineStage:
 
 @dataclass
 class SamplerConfig:
-    """Everything that decides how DiDSampler generates (see the module docstring)."""
+    """Everything that decides how DiDSampler generates (see the module docstring). A field
+    with ``opt`` metadata is also an option of `did-engine generate` and `eval`."""
 
     length: int | None = None  # tokens in the output, prompt included; None: the model's context
-    block_size: int = 4  # draft block size B1
-    strategy: str = "first_hitting"
-    tokens_per_step: int = 2  # topk strategy
-    threshold: float = 0.9  # threshold strategy
-    # threshold strategy: each call fills at least this many positions (the most probable
-    # ones) when fewer pass the threshold; 1 is Fast-dLLM v2's rule, > 1 SDAR's dynamic one
-    min_tokens_per_step: int = 1
+    block_size: int = field(default=4, metadata=opt("draft block size", group="draft", parse=positive_int))
+    strategy: str = field(default="first_hitting", metadata=opt(
+        "which masked positions each draft step fills: one uniformly chosen (BD3-LM), the k most confident, "
+        "or all above a threshold", group="draft", choices=DRAFT_STRATEGIES))
+    tokens_per_step: int = field(default=2, metadata=opt("k of the topk strategy", group="draft", parse=positive_int))
+    threshold: float = field(default=0.9, metadata=opt("tau of the threshold strategy", group="draft",
+                                                       parse=finite_float))
+    min_tokens_per_step: int = field(default=1, metadata=opt(
+        "threshold strategy: each step fills at least this many of the most confident positions "
+        "(1: Fast-dLLM v2's rule; k > 1: SDAR's low_confidence_dynamic)", group="draft", parse=positive_int))
     stages: list = field(default_factory=list)  # RefineStage or (block_size, remask_ratio, steps) tuples
-    remask_policy: str = "snapshot"
-    method: str = "did"  # "did" (block draft + stages) or "mdlm" (global sampling from all-mask)
-    mdlm_steps: int | None = None  # model calls of the MDLM baseline; None: one token per call
-    top_p: float = 0.9
-    temperature: float = 1.0  # 0: greedy
-    eos_id: int | None = None
-    stop_at_eos: bool = False
+    remask_policy: str = field(default="snapshot", metadata=opt(
+        "which tokens a stage remasks: lowest snapshot confidence (DiD), lowest probability under a "
+        "re-scoring forward, or random", group="refinement", flag="--policy", choices=REMASK_POLICIES))
+    method: str = field(default="did", metadata=opt(
+        "did: block draft + refinement stages; mdlm: global sampling from all-mask (baseline)", group="draft",
+        choices=METHODS))
+    mdlm_steps: int | None = field(default=None, metadata=opt(
+        "model calls of the mdlm method (default: one per token)", group="draft", parse=positive_int))
+    top_p: float = field(default=0.9, metadata=opt("nucleus sampling mass", group="sampling", parse=finite_float))
+    temperature: float = field(default=1.0, metadata=opt("softmax temperature (0: greedy)", group="sampling",
+                                                         parse=finite_float))
+    eos_id: int | None = field(default=None, metadata=opt("end-of-sequence token id", group="sampling",
+                                                          parse=nonnegative_int))
+    stop_at_eos: bool = field(default=False, metadata=opt("end each sample at its first EOS", group="sampling"))
     mask_id: int | None = None  # None: the model's mask_id
 
     def __post_init__(self):

@@ -222,6 +222,26 @@ def test_the_package_never_imports_the_cli():
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_every_sampler_option_reaches_its_samplerconfig_field(command):
+    """The generated sampler options (eval's --top-p / --temperature in its samples group) set
+    the SamplerConfig fields they name, and with none given the defaults are SamplerConfig's."""
+    from did_engine.cli.options import sampler_config_from_args
+    from did_engine.sampling import RefineStage, SamplerConfig
+
+    base = [command] + (["--model", "m"] if command == "eval" else [])
+    given = dict(block_size=7, strategy="threshold", tokens_per_step=3, threshold=0.75, min_tokens_per_step=2,
+                 remask_policy="random", method="mdlm", mdlm_steps=5, top_p=0.5, temperature=0.0, eos_id=11,
+                 stop_at_eos=True)
+    argv = base + ["--block-size", "7", "--strategy", "threshold", "--tokens-per-step", "3", "--threshold", "0.75",
+                   "--min-tokens-per-step", "2", "--policy", "random", "--method", "mdlm", "--mdlm-steps", "5",
+                   "--top-p", "0.5", "--temperature", "0", "--eos-id", "11", "--stop-at-eos", "--length", "9",
+                   "--no-refine"]
+    assert sampler_config_from_args(build_parser().parse_args(argv)) == SamplerConfig(length=9, **given)
+    default = sampler_config_from_args(build_parser().parse_args(base))
+    assert default == SamplerConfig(stages=[RefineStage(None, 0.25, 8)])
+
+
 def test_min_tokens_per_step_reaches_the_sampler_and_is_refused_with_other_strategies(capsys):
     from did_engine.cli.options import sampler_config_from_args
 
