@@ -98,7 +98,7 @@ def add_parser(subparsers) -> None:
                     "Gen PPL (mean of per-sample PPL and token-weighted), unigram entropy, NFE, wall time and "
                     "tokens/s, and with --data the validation NELBO perplexity, as JSON and a markdown table.")
     add_common_options(p, default_samples=32)
-    add_sampler_options(p)  # as in `did-engine generate`; --top-p and --temperature are already in "samples"
+    add_sampler_options(p, exclude=("top_p", "temperature"))  # as in `generate`; those two are in "samples"
     val = group(p, "validation NELBO")
     val.add_argument("--data", default=None,
                      help="prepared token dataset directory (did-engine data prepare): report the NELBO "

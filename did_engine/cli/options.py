@@ -91,20 +91,18 @@ def group(parser, title):
 
 
 def add_config_options(parser, cls, defaults: dict | None = None, *, only: tuple | None = None,
-                       title: str | None = None) -> None:
+                       exclude: tuple = (), title: str | None = None) -> None:
     """One option per field of dataclass ``cls`` that carries ``opt`` metadata.
 
     bool fields become --x / --no-x; list, tuple and dict defaults are shown (and parsed
     back by the option's parser) as their option text, e.g. 4:0.9,L:0.1. ``defaults``
     replaces field defaults for this command (e.g. fewer samples for ablate). ``only`` limits
-    the options to those fields, ``title`` puts them in that group instead of their own (eval's
-    --top-p in its samples group); a field whose option the parser already has is skipped.
+    the options to those fields and ``exclude`` leaves those out; ``title`` puts them in that
+    group instead of their own (eval's --top-p in its samples group).
     """
     for field in dataclasses.fields(cls):
         option = option_of(field)
-        if option is None or (only is not None and field.name not in only):
-            continue
-        if _flag(field) in parser._option_string_actions:  # added earlier, in another group
+        if option is None or (only is not None and field.name not in only) or field.name in exclude:
             continue
         default = (defaults or {}).get(field.name, _default(field))
         kwargs = {"dest": _dest(field), "help": option.help}
@@ -186,12 +184,13 @@ def parse_stage(text: str):
         raise CLIError(f"bad stage {text!r}: {exc}") from None
 
 
-def add_sampler_options(parser) -> None:
+def add_sampler_options(parser, exclude: tuple = ()) -> None:
     """The draft, refinement and sampling options (of `generate` and `eval`): SamplerConfig's
-    and the refinement stages'; read them back with sampler_config_from_args."""
+    (but the fields in ``exclude``, which the command adds elsewhere) and the refinement
+    stages'; read them back with sampler_config_from_args."""
     from did_engine.sampling import SamplerConfig
 
-    add_config_options(parser, SamplerConfig)
+    add_config_options(parser, SamplerConfig, exclude=exclude)
     # Hand-written: together these build SamplerConfig.stages (RefineStages), not one field each.
     refine = group(parser, "refinement")
     refine.add_argument("--stage", dest="stages", type=argument_type(parse_stage), action="append", default=None,
