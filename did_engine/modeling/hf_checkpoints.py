@@ -39,6 +39,7 @@ from did_engine.modeling.checkpoint import (
     SafetensorsFile,
     checked_model_config,
     read_json_file,
+    resolve_embedded,
 )
 from did_engine.errors import UserError
 from did_engine.modeling.llama import LlamaBlockConfig, LlamaBlockDiffusionLM
@@ -91,7 +92,9 @@ def load_checkpoint(path: str, device=None, dtype=None, **options):
     load_llama; a DiT checkpoint takes none."""
     from did_engine.modeling import BlockDiffusionLM
 
-    if os.path.isfile(path):
+    from did_engine.modeling.adapters import is_adapter_dir
+
+    if os.path.isfile(path) or is_adapter_dir(path):
         return load_llama(path, device=device, dtype=dtype, **options)
     raw = _read_config(path)
     if raw.get("format") == FORMAT:
@@ -345,11 +348,17 @@ def load_llama(name_or_path, device=None, dtype=None, *, mask_id: int | None = N
                cache_dir=None, revision: str | None = None) -> LlamaBlockDiffusionLM:
     """A LlamaBlockDiffusionLM from a did_engine checkpoint, a Hugging Face directory or hub
     name (model_type sdar, Fast_dLLM_Qwen, llama, qwen2, qwen3), or a .gguf file."""
-    path = resolve_model_path(name_or_path, cache_dir=cache_dir, revision=revision)
+    path = resolve_model_path(resolve_embedded(os.fspath(name_or_path)), cache_dir=cache_dir, revision=revision)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise CheckpointError(f"{path} is a file but not a .gguf: pass a model directory, a hub name or a GGUF file")
         return _load_gguf(path, device, dtype, mask_id, block_size)
+    from did_engine.modeling.adapters import is_adapter_dir, load_adapted
+
+    if is_adapter_dir(path):  # a delta checkpoint: its base with the adapter merged in
+        if mask_id is not None or block_size is not None:
+            raise UserError("mask_id, block_size: an adapter's are fixed by its config")
+        return load_adapted(path, device=device, dtype=dtype)
     raw = _read_config(path)
     source = os.path.join(path, CONFIG_NAME)
     if raw.get("format") == FORMAT:

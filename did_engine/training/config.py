@@ -90,6 +90,16 @@ class TrainConfig:
         group=DATA))
     dropout: float | None = field(default=None, metadata=opt("override the model's dropout probability (DiT only)",
                                                                     group=DATA))
+    lora_rank: int = field(default=0, metadata=opt(
+        "train LoRA adapters of this rank on the attention and MLP projections (plus the norms and the mask "
+        "row), the base frozen; checkpoints are then small deltas (adapter + the base's sha256). 0: train every "
+        "weight (Llama-family models only)", group=DATA))
+    lora_alpha: float = field(default=0.0, metadata=opt(
+        "LoRA scale numerator: the change is (alpha / rank) B A (0: 2 x rank)", group=DATA))
+    lora_targets: tuple = field(default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj"), metadata=opt(
+        "projections that get LoRA adapters (comma-separated)", group=DATA, parse=lambda text: tuple(
+            parse_list(text, str, "--lora-targets"))))
     # mix-scale block diffusion
     block_sizes: dict = field(default_factory=lambda: {4: 0.9, "L": 0.1}, metadata=opt(
         "block size distribution SIZE:PROB,...; each training sequence draws its block size; L = the whole "
@@ -138,7 +148,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata=opt(
         "auto (this rank's GPU if any, else cpu), cpu, cuda, cuda:N", group=RUNTIME))
     amp: str = field(default="auto", metadata=opt(
-        "bf16 autocast: auto = on GPU only (CPUs here lack fast bf16 matmuls)", group=RUNTIME,
+        "bf16 autocast: auto = on a GPU, or on a CPU with AMX bf16 units (lscpu: amx_bf16; elsewhere bf16 matmuls "
+        "are far slower than fp32)", group=RUNTIME,
         choices=("auto", "bf16", "off")))
     seed: int = field(default=0, metadata=opt("seed of the initial weights, data order and noise", group=RUNTIME))
     # logging, evaluation, checkpoints
@@ -226,6 +237,8 @@ class TrainConfig:
             raise TrainConfigError(f"final_weights must be ema or raw, got {self.final_weights!r}")
         if self.final_weights == "ema" and self.ema == 0:
             self.final_weights = "raw"
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise TrainConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise TrainConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.clip_search_delta < 1 or not all(0 < w <= 1 for w in self.clip_search_widths):
@@ -239,6 +252,7 @@ class TrainConfig:
         d["block_sizes"] = {str(k): v for k, v in self.block_sizes.items()}
         d["clip"] = {str(k): list(v) for k, v in self.clip.items()}
         d["clip_search_widths"] = list(self.clip_search_widths)
+        d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod
@@ -251,4 +265,6 @@ class TrainConfig:
             d["clip"] = {_key(k): v for k, v in d["clip"].items()}
         if "clip_search_widths" in d:
             d["clip_search_widths"] = tuple(d["clip_search_widths"])
+        if "lora_targets" in d:
+            d["lora_targets"] = tuple(d["lora_targets"])
         return cls(**d)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from did_engine.errors import UserError
+from did_engine.modeling.adapters import has_adapters, save_adapter
 from did_engine.modeling.checkpoint import atomic_write_json
 
 TRAINER_STATE = "trainer_state.json"
@@ -36,19 +37,23 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, _ in model.named_parameters()]
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]  # frozen weights never move
         self.shadow = [p.detach().clone().to(torch.promote_types(p.dtype, torch.float32))
-                       for p in model.parameters()]
+                       for p in self._params(model)]
+
+    @staticmethod
+    def _params(model: nn.Module) -> list:
+        return [p for p in model.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        params = [p.detach().to(s.dtype) for p, s in zip(model.parameters(), self.shadow)]
+        params = [p.detach().to(s.dtype) for p, s in zip(self._params(model), self.shadow)]
         torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
 
     @torch.no_grad()
     def swap(self, model: nn.Module) -> None:
         """Exchange the model's weights and the EMA's (call twice to undo: bit-exact)."""
-        for p, s in zip(model.parameters(), self.shadow):
+        for p, s in zip(self._params(model), self.shadow):
             tmp = p.detach().clone()
             p.copy_(s)
             s.copy_(tmp)
@@ -143,7 +148,10 @@ def storage_errors_as_user_errors(what: str):
 
 def _write_checkpoint_files(directory: str, *, model, ema, optimizer, state: dict, rng_per_rank: list,
                             tokenizer: str | None) -> None:
-    model.save_pretrained(directory)  # config.json + model.safetensors: loadable by from_pretrained
+    if has_adapters(model):  # a delta: the adapter and a reference to its base
+        save_adapter(model, directory)
+    else:
+        model.save_pretrained(directory)  # config.json + model.safetensors: loadable by from_pretrained
     if ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()},
                   os.path.join(directory, "ema.safetensors"))

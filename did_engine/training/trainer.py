@@ -44,6 +44,9 @@ import torch
 from did_engine._plotting import pyplot
 from did_engine.diffusion import DEFAULT_EPS, draw_block_noise, evaluate_nelbo, get_schedule, model_nelbo_terms
 from did_engine.errors import UserError
+from did_engine.hardware import fast_bf16
+from did_engine.modeling.adapters import (LoRASettings, apply_lora, has_adapters, is_adapter_dir, load_adapted,
+                                          load_adapter_tensors, read_adapter_config, reference_base, save_adapter)
 from did_engine.modeling.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_safetensors, read_json_file
 from did_engine.modeling.dit import BlockDiffusionLM
 from did_engine.modeling.loading import load_model, load_weights_into, locate, tokenizer_of, vocabulary_mismatch
@@ -148,7 +151,7 @@ class Trainer:
                 except ValueError as exc:  # no block of b tokens can have a masked fraction in [lo, hi]
                     raise TrainConfigError(f"--clip of block size {b}: {exc}") from None
 
-        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off")
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if fast_bf16(self.device) else "off")
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
         self.loss_module = MixScaleLoss(self.model, list(self.probs), self.schedule, self.amp_dtype)
         if self.dist.enabled:
@@ -158,8 +161,9 @@ class Trainer:
                                     else None)
         else:
             self.train_module = self.loss_module
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # a LoRA run: the adapters only
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, foreach=True)
@@ -182,6 +186,9 @@ class Trainer:
         if cfg.model.startswith("preset:"):
             model = load_model(cfg.model, vocab_size=self.train_data.model_vocab_size, model_length=L,
                                block_size=min(self.probs), **dropout)
+        elif cfg.lora_rank and is_adapter_dir(locate(cfg.model)):  # go on training an adapter
+            path = locate(cfg.model)
+            model = load_adapted(path, merge=False)
         else:
             path = locate(cfg.model)
             model = load_model(path, **dropout)
@@ -198,6 +205,10 @@ class Trainer:
         for b in self.probs:
             if b > model.config.model_length:
                 raise TrainConfigError(f"block size {b} exceeds the model length {model.config.model_length}")
+        if cfg.lora_rank and not has_adapters(model):
+            model.config.extra["base_model"] = vars(reference_base(cfg.model))
+            apply_lora(model, LoRASettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank,
+                                           targets=cfg.lora_targets))
         return model.to(self.device).train()
 
     # -- data ----------------------------------------------------------------------------------
@@ -362,7 +373,13 @@ class Trainer:
             raise CheckpointError(f"{state_path} lacks {', '.join(missing)}: not a did_engine trainer state")
         if state["seq_len"] != self.seq_len:
             raise CheckpointError(f"{path} was trained on L = {state['seq_len']}, the dataset has L = {self.seq_len}")
-        load_weights_into(self.model, path)
+        if has_adapters(self.model):
+            stored = read_adapter_config(path)["base"].get("sha256")
+            if stored != self.model.config.extra["base_model"]["sha256"]:
+                raise CheckpointError(f"{path} adapts a base of sha256 {stored}, not the --model of this run")
+            load_adapter_tensors(self.model, path)
+        else:
+            load_weights_into(self.model, path)
         if self.ema is not None and os.path.isfile(os.path.join(path, "ema.safetensors")):
             self.ema.load_state_dict({k: v.to(self.device) for k, v in
                                       load_safetensors(os.path.join(path, "ema.safetensors")).items()})
@@ -491,7 +508,8 @@ class Trainer:
         if self.dist.main:
             atomic_write_json(os.path.join(cfg.out, "train_config.json"), cfg.to_json())
             n_params = self.model.num_parameters()
-            print(f"did_engine train: {n_params / 1e6:.2f}M parameters, L = {self.seq_len}, mix "
+            n_trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            print(f"did_engine train: {n_params / 1e6:.2f}M parameters ({n_trained / 1e6:.2f}M trained), L = {self.seq_len}, mix "
                   f"{ {b: p for b, p in self.probs.items()} }, global batch {cfg.batch_size} on "
                   f"{self.dist.world_size} process(es), {self.device}, amp {self.amp_dtype or 'off'}"
                   + (f", resumed from {resumed} (step {self.step})" if resumed else ""), file=sys.stderr)
@@ -558,7 +576,10 @@ class Trainer:
             self.model.config.extra.update(self._final_metadata())
             self.model.config.extra["weights"] = "ema" if use_ema else "raw"
             with storage_errors_as_user_errors(f"the final model {path}"):
-                self.model.save_pretrained(path)
+                if has_adapters(self.model):
+                    save_adapter(self.model, path)
+                else:
+                    self.model.save_pretrained(path)
                 tok = self.train_data.tokenizer_path
                 if os.path.isfile(tok):
                     shutil.copyfile(tok, os.path.join(path, "tokenizer.json"))

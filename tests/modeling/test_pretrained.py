@@ -1,4 +1,5 @@
-"""The embedded default model: loads by name, carries its tokenizer, and has learned English."""
+"""The embedded DiT (dit-mini, the default until 0.2): loads by name, carries its tokenizer, and has
+learned English."""
 
 from __future__ import annotations
 
@@ -34,19 +35,19 @@ def _sequences(tok, model, text, n):
     return torch.from_numpy(seq.astype("int64")).repeat(n, 1)  # [n, L]: one text, n noise draws
 
 
-def test_default_model_loads_by_name_with_its_tokenizer():
-    model = BlockDiffusionLM.from_pretrained("default")
-    tok = Tokenizer.from_file(embedded_model_path("default"))
+def test_dit_mini_loads_by_name_with_its_tokenizer():
+    model = BlockDiffusionLM.from_pretrained("dit-mini")
+    tok = Tokenizer.from_file(embedded_model_path("dit-mini"))
     assert model.config.vocab_size == tok.vocab_size + 1  # + the mask id
-    assert os.path.isfile(os.path.join(embedded_model_path("default"), "MODEL_CARD.md"))
-    assert os.path.getsize(os.path.join(embedded_model_path("default"), "model.safetensors")) < 50e6
+    assert os.path.isfile(os.path.join(embedded_model_path("dit-mini"), "MODEL_CARD.md"))
+    assert os.path.getsize(os.path.join(embedded_model_path("dit-mini"), "model.safetensors")) < 50e6
 
 
-def test_default_model_prefers_real_prose_to_the_same_tokens_shuffled():
+def test_dit_mini_prefers_real_prose_to_the_same_tokens_shuffled():
     """A trained model's NELBO on unseen English is far below the uniform log(V) and below
     the NELBO of the same tokens in a random order; a random model's is not."""
-    model = BlockDiffusionLM.from_pretrained("default")
-    tok = Tokenizer.from_file(embedded_model_path("default"))
+    model = BlockDiffusionLM.from_pretrained("dit-mini")
+    tok = Tokenizer.from_file(embedded_model_path("dit-mini"))
     real = _sequences(tok, model, PROSE, 8)
     gen = torch.Generator().manual_seed(0)
     body = real[:, 1:-1]
@@ -60,9 +61,9 @@ def test_default_model_prefers_real_prose_to_the_same_tokens_shuffled():
     assert nelbo_real < nelbo_shuf - 0.5, (nelbo_real, nelbo_shuf)  # measured: 6.42 vs 7.49
 
 
-def test_generate_from_the_default_model(capsys):
-    assert main(["generate", "--length", "32", "--seed", "0", "--json"]) == 0
+def test_generate_from_dit_mini(capsys):
+    assert main(["generate", "--model", "dit-mini", "--length", "32", "--seed", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    tok = Tokenizer.from_file(embedded_model_path("default"))
+    tok = Tokenizer.from_file(embedded_model_path("dit-mini"))
     assert out["tokens"][0][0] == tok.bos_id and len(out["tokens"][0]) == 32
     assert isinstance(out["text"][0], str) and out["text"][0]
