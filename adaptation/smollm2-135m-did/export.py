@@ -1,0 +1,39 @@
+"""Copy the newest checkpoint of run/ into the package as the embedded default's adapter.
+
+    python adaptation/smollm2-135m-did/export.py [--checkpoint run/checkpoints/step_N]
+
+Only the delta is copied (adapter_config.json, adapter.safetensors, tokenizer.json); the
+model card beside it is written by hand from run/metrics.jsonl and the evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+from did_engine.modeling.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from did_engine.training.state import list_checkpoints
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.join(HERE, "..", "..", "did_engine", "pretrained", "smollm2-135m-did")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a checkpoint directory (default: the newest under run/)")
+    args = parser.parse_args()
+    checkpoint = args.checkpoint or (list_checkpoints(os.path.join(HERE, "run")) or [None])[-1]
+    if checkpoint is None:
+        raise SystemExit("no checkpoint under run/: train first (train.sh)")
+    read_adapter_config(checkpoint)  # refuse anything that is not a delta checkpoint
+    os.makedirs(PACKAGE_DIR, exist_ok=True)
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "tokenizer.json"):
+        tmp = os.path.join(PACKAGE_DIR, f".{name}.tmp")
+        shutil.copyfile(os.path.join(checkpoint, name), tmp)
+        os.replace(tmp, os.path.join(PACKAGE_DIR, name))
+    print(f"exported {checkpoint} -> {os.path.normpath(PACKAGE_DIR)}")
+
+
+if __name__ == "__main__":
+    main()
