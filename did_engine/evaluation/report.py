@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict
 
 from did_engine.evaluation.config import SEED_STRIDE, EvalConfig
-from did_engine.evaluation.judge import Judge
+from did_engine.evaluation.judge import Judge, model_family
 
 
 def _sampler_settings(cfg) -> dict:
@@ -68,15 +68,18 @@ def markdown_table(header, rows) -> str:
 
 
 def protocol_line(report: dict) -> str:
-    j, c = report["judge"], report["config"]
+    j, c, m = report["judge"], report["config"], report["model"]
     rej = c.get("rejection")
     rej_text = (f"low-entropy rejection on (last {rej['window']} tokens < {rej['threshold']} nats, "
                 f"<= {rej['max_redraws']} redraws)" if rej else "no low-entropy rejection")
     s = c["sampler"]
-    return (f"Judge: {j['name']} ({j['parameters'] / 1e6:.0f}M parameters, {j['dtype']}, context {j['context']}, "
-            f"stride {j['stride']}). {c['num_samples_per_seed']} samples x {len(c['seeds'])} seed(s) "
-            f"{c['seeds']}, batch {c['batch_size']}, length {s['length'] or report['model']['model_length']}, "
-            f"top-p {s['top_p']}, temperature {s['temperature']}; {rej_text}. Model: {report['model']['spec']}. "
+    length = s["length"] or m["model_length"]
+    judge_family = f"{j['family']} family, " if j.get("family") else ""
+    model_family = f" ({m['family']} family)" if m.get("family") else ""
+    return (f"Judge: {j['name']} ({judge_family}{j['parameters'] / 1e6:.0f}M parameters, {j['dtype']}, "
+            f"context {j['context']}, stride {j['stride']}). {c['num_samples_per_seed']} samples x "
+            f"{len(c['seeds'])} seed(s) {c['seeds']}, batch {c['batch_size']}, length {length}, "
+            f"top-p {s['top_p']}, temperature {s['temperature']}; {rej_text}. Model: {m['spec']}{model_family}. "
             f"NFE = model calls per generate() call, commit passes included.")
 
 
@@ -116,9 +119,9 @@ def describe_sampler_dict(d: dict) -> str:
 
 def model_description(spec: str, model) -> dict:
     cfg = model.config
-    return {"spec": spec, "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": cfg.vocab_size, "model_length": cfg.model_length,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    return {"spec": spec, "family": model_family(model, spec),  # base model family; None: unknown
+            "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size,
+            "model_length": cfg.model_length, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
 
 
 def build_report(model_spec, model, judge: Judge, config: EvalConfig, metrics: dict, nelbo=None) -> dict:

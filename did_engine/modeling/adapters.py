@@ -224,8 +224,8 @@ def reference_base(spec: str) -> BaseReference:
 
     builtin = BUILTIN_JUDGES.get(spec)
     if builtin is not None:
-        return BaseReference(spec=spec, sha256=builtin.sha256, version=f"{builtin.package}=={builtin.version}",
-                             family=builtin.family)
+        packages = ", ".join(dict.fromkeys(f"{m.package}=={m.version}" for m in builtin.parts))
+        return BaseReference(spec=spec, sha256=builtin.sha256, version=packages, family=builtin.family)
     path = locate(spec)
     files = base_weight_files(path)
     root = path if os.path.isdir(path) else os.path.dirname(path)

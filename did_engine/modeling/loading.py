@@ -41,11 +41,14 @@ class ModelSpecError(CheckpointNotFoundError):
     """A model spec that names no path, embedded model, built-in name, preset or hub repo."""
 
 
+# Built-in judges that are also models here (Llama family); gemma3-270m is only a judge.
+BUILTIN_MODELS = ("smollm2-135m",)
+
+
 def _builtin_names() -> tuple:
-    from did_engine.evaluation.judge import BUILTIN_JUDGES
     from did_engine.pretrained import EMBEDDED_MODELS
 
-    return tuple(EMBEDDED_MODELS), tuple(BUILTIN_JUDGES)
+    return tuple(EMBEDDED_MODELS), BUILTIN_MODELS
 
 
 def locate(spec, cache_dir=None, revision: str | None = None) -> str:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import Counter
 
@@ -20,6 +21,8 @@ from did_engine.evaluation.ablation import AblationConfig, ablation_points, conf
 from did_engine.cli import build_parser, main  # noqa: E402
 from did_engine.evaluation import (EvalConfig, Judge, JudgeScore, RejectionRule, gen_ppl_summary,  # noqa: E402
                                    generate_samples, sample_seed, unigram_entropy, evaluate_model)
+from did_engine.evaluation.judge import JUDGE_MARKER  # noqa: E402
+from did_engine.evaluation.report import report_markdown  # noqa: E402
 from did_engine.modeling.dit import BlockDiffusionLM  # noqa: E402
 from did_engine.sampling import RefineStage, SamplerConfig, generate  # noqa: E402
 from support.rowwise import RowByRow  # noqa: E402
@@ -319,6 +322,64 @@ def test_bad_arguments_give_one_line_errors(argv, message, model_dir, judge_dir,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("did-engine: error:") and message in err[0], err
+
+
+@pytest.fixture(scope="module")
+def smollm2_model_dir(model_dir, tmp_path_factory):
+    """The tiny model, recorded (as the adaptation trainer records it) as based on SmolLM2."""
+    model = BlockDiffusionLM.from_pretrained(model_dir)
+    model.config.extra["base_model"] = {"family": "smollm2", "name": "HuggingFaceTB/SmolLM2-135M"}
+    path = tmp_path_factory.mktemp("smollm2_based")
+    model.save_pretrained(str(path))
+    shutil.copy(os.path.join(model_dir, "tokenizer.json"), path / "tokenizer.json")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_judge_dir(judge_dir, tmp_path_factory):
+    """The tiny judge, declaring the smollm2 family in its did_engine_judge.json."""
+    path = tmp_path_factory.mktemp("smollm2_judge") / "judge"
+    shutil.copytree(judge_dir, path)
+    (path / JUDGE_MARKER).write_text(json.dumps({"family": "smollm2"}))
+    return str(path)
+
+
+def test_a_judge_of_the_models_family_is_refused_unless_allowed(smollm2_model_dir, smollm2_judge_dir, model_dir,
+                                                                 tmp_path, capsys):
+    small = ["--num-samples", "1", "--length", "8", "--no-progress"]
+    for argv in (["eval", "--model", smollm2_model_dir, "--judge", smollm2_judge_dir],
+                 # refused before the built-in judge is fetched or generation starts
+                 ["eval", "--model", smollm2_model_dir, "--judge", "smollm2-135m", "--cache-dir", str(tmp_path)],
+                 ["ablate", "--model", smollm2_model_dir, "--judge", smollm2_judge_dir, "--out", str(tmp_path)]):
+        assert main(argv + small) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is of the smollm2 family" in err[0] and "(family smollm2)" in err[0], err
+        assert "--allow-same-family-judge" in err[0]
+    assert not os.path.exists(tmp_path / "pip")
+    small += ["--no-refine", "--json"]
+    assert main(["eval", "--model", smollm2_model_dir, "--judge", smollm2_judge_dir, "--allow-same-family-judge"]
+                + small) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["judge"]["family"] == "smollm2" and report["model"]["family"] == "smollm2"
+    assert "Judge: " + smollm2_judge_dir + " (smollm2 family," in report_markdown(report)
+    assert main(["eval", "--model", model_dir, "--judge", smollm2_judge_dir] + small) == 0  # unknown family
+    assert json.loads(capsys.readouterr().out)["model"]["family"] is None
+
+
+def test_auto_judge_is_of_another_family_than_the_model(smollm2_model_dir, model_dir, judge_dir, monkeypatch,
+                                                         capsys):
+    """The default judge 'auto': Gemma for a SmolLM2-based model, SmolLM2 otherwise. The
+    tiny judge stands in for both converted judges, so nothing is fetched."""
+    import did_engine.evaluation.judge as judge_module
+
+    monkeypatch.setattr(judge_module, "prepare_builtin_judge", lambda name, cache=None: judge_dir)
+    small = ["--num-samples", "1", "--length", "8", "--no-refine", "--no-progress", "--json"]
+    for model, name, family in ((smollm2_model_dir, "gemma3-270m", "gemma3"), (model_dir, "smollm2-135m", "smollm2")):
+        assert main(["eval", "--model", model] + small) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["judge"]["name"] == name and report["judge"]["family"] == family
+        assert report["judge"]["requested"] == "auto"
+        assert f"Judge: {name} ({family} family," in report_markdown(report)
 
 
 def test_errors_from_a_real_process_are_one_line(model_dir):
