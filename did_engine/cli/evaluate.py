@@ -15,7 +15,7 @@ from did_engine.evaluation.config import EvalConfig, RejectionRule
 from did_engine.evaluation.judge import JudgeConfig, load_judge, model_family
 from did_engine.evaluation.report import build_report, report_markdown, write_outputs
 from did_engine.evaluation.runner import evaluate_model, text_tokenizer, validation_nelbo
-from did_engine.modeling.loading import DTYPES, load_for_sampling
+from did_engine.modeling.loading import load_for_sampling, resolve_dtype
 from did_engine.parsing import positive_int
 from did_engine.sampling import SamplerConfig
 
@@ -49,7 +49,7 @@ def add_common_options(p, default_samples: int) -> None:
 def load_model_and_tokenizer(args) -> tuple:
     """The model of --model on --device and the tokenizer that turns its ids into text."""
     check_device(args.device)
-    model, beside = load_for_sampling(args.model, args.device, DTYPES[args.dtype])
+    model, beside = load_for_sampling(args.model, args.device, resolve_dtype(args.dtype, args.device))
     return model, text_tokenizer(model, args.model, beside, args.tokenizer, getattr(args, "data", None))
 
 

@@ -10,7 +10,7 @@ import torch
 from did_engine.cli.options import (CLIError, HelpFormatter, add_device_options, add_sampler_options, argument_type,
                                     check_device, group, sampler_config_from_args)
 from did_engine.data.tokenizer import start_ids
-from did_engine.modeling.loading import DTYPES, load_for_sampling
+from did_engine.modeling.loading import load_for_sampling, resolve_dtype
 from did_engine.parsing import positive_int, token_ids
 from did_engine.sampling import sampler
 
@@ -31,8 +31,7 @@ def add_parser(subparsers) -> None:
                           "hub name (org/name); or 'preset:NAME' for a randomly initialised DiT preset (tiny, "
                           "mini, small): useful for timing only. Text goes through the tokenizer.json that "
                           "comes with the model")
-    add_device_options(src, dtype_help="model dtype (float32 on CPUs: bf16 matmuls are slow without bf16 "
-                                       "instructions)")
+    add_device_options(src)
     io = group(gen, "prompt and output")
     io.add_argument("--prompt", default=None,
                     help="prompt text (needs the model's tokenizer: a tokenizer.json beside it)")
@@ -63,7 +62,7 @@ def _rewritten_markup(tokens, draft, tokenizer, start):
 
 def cmd_generate(args) -> int:
     check_device(args.device)
-    model, tokenizer = load_for_sampling(args.model, args.device, DTYPES[args.dtype])
+    model, tokenizer = load_for_sampling(args.model, args.device, resolve_dtype(args.dtype, args.device))
     prompt = None
     if args.prompt is not None and args.prompt_ids is not None:
         raise CLIError("give --prompt or --prompt-ids, not both")

@@ -17,7 +17,7 @@ import dataclasses
 import re
 
 from did_engine.errors import UserError
-from did_engine.modeling.loading import DTYPES
+from did_engine.modeling.loading import AUTO_DTYPE, DTYPES
 from did_engine.parsing import comma_text, option_of
 
 
@@ -153,10 +153,14 @@ def config_values(cls, args) -> dict:
 # Options without a config dataclass: the model to load, the refinement stages
 
 
-def add_device_options(group, *, dtype_help: str = "model dtype") -> None:
-    """--device and --dtype of the model (read with loading.DTYPES)."""
+DTYPE_HELP = ("model dtype; auto: bfloat16 where bf16 matmuls are fast (a GPU, a CPU with AMX: lscpu shows "
+              "amx_bf16), else float32 (elsewhere a CPU emulates bf16, ~40x slower)")
+
+
+def add_device_options(group, *, dtype_help: str = DTYPE_HELP) -> None:
+    """--device and --dtype of the model (read with loading.resolve_dtype)."""
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    group.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=dtype_help)
+    group.add_argument("--dtype", default=AUTO_DTYPE, choices=[AUTO_DTYPE, *sorted(DTYPES)], help=dtype_help)
 
 
 def check_device(device: str) -> None:

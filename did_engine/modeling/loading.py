@@ -34,6 +34,19 @@ from did_engine.modeling.hf_checkpoints import (HUB_NAME, first_line, gguf_token
                                                 resolve_model_path)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE = "auto"
+
+
+def resolve_dtype(name: str, device="cpu") -> torch.dtype:
+    """A dtype name of DTYPES, or 'auto': bfloat16 where bf16 matmuls are fast on ``device``
+    (a GPU, an AMX CPU; softmax and sampling still run in float32), float32 elsewhere."""
+    if name == AUTO_DTYPE:
+        from did_engine.hardware import fast_bf16
+
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r}: choose from {AUTO_DTYPE}, {', '.join(DTYPES)}")
+    return DTYPES[name]
 TOKENIZER_NAME = "tokenizer.json"
 
 
