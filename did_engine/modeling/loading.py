@@ -75,7 +75,7 @@ def locate(spec, cache_dir=None, revision: str | None = None) -> str:
     if name in embedded:
         return resolve_embedded(name)
     if name in builtin:
-        from did_engine.evaluation.judge import prepare_builtin_judge
+        from did_engine.modeling.builtin import prepare_builtin_judge
 
         return prepare_builtin_judge(name)
     if not HUB_NAME.fullmatch(name):

@@ -21,7 +21,7 @@ from did_engine.evaluation.ablation import AblationConfig, ablation_points, conf
 from did_engine.cli import build_parser, main  # noqa: E402
 from did_engine.evaluation import (EvalConfig, Judge, JudgeScore, RejectionRule, gen_ppl_summary,  # noqa: E402
                                    generate_samples, sample_seed, unigram_entropy, evaluate_model)
-from did_engine.evaluation.judge import JUDGE_MARKER  # noqa: E402
+from did_engine.modeling.builtin import JUDGE_MARKER  # noqa: E402
 from did_engine.evaluation.report import report_markdown  # noqa: E402
 from did_engine.modeling.dit import BlockDiffusionLM  # noqa: E402
 from did_engine.sampling import RefineStage, SamplerConfig, generate  # noqa: E402

