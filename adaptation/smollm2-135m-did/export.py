@@ -12,7 +12,9 @@ import argparse
 import os
 import shutil
 
-from did_engine.modeling.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from did_engine.modeling.adapters import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, portable_config,
+                                          read_adapter_config)
+from did_engine.modeling.checkpoint import atomic_write_json
 from did_engine.training.state import list_checkpoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,12 +28,13 @@ def main() -> None:
     checkpoint = args.checkpoint or (list_checkpoints(os.path.join(HERE, "run")) or [None])[-1]
     if checkpoint is None:
         raise SystemExit("no checkpoint under run/: train first (train.sh)")
-    read_adapter_config(checkpoint)  # refuse anything that is not a delta checkpoint
+    meta = read_adapter_config(checkpoint)  # refuse anything that is not a delta checkpoint
     os.makedirs(PACKAGE_DIR, exist_ok=True)
-    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "tokenizer.json"):
+    for name in (ADAPTER_WEIGHTS_NAME, "tokenizer.json"):
         tmp = os.path.join(PACKAGE_DIR, f".{name}.tmp")
         shutil.copyfile(os.path.join(checkpoint, name), tmp)
         os.replace(tmp, os.path.join(PACKAGE_DIR, name))
+    atomic_write_json(os.path.join(PACKAGE_DIR, ADAPTER_CONFIG_NAME), {**meta, "config": portable_config(meta["config"])})
     print(f"exported {checkpoint} -> {os.path.normpath(PACKAGE_DIR)}")
 
 

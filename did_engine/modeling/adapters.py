@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from did_engine.errors import UserError
-from did_engine.modeling.builtin import BUILTIN_JUDGES, file_sha256
+from did_engine.modeling.builtin import BUILTIN_JUDGES, JUDGE_MARKER, file_sha256
 from did_engine.modeling.checkpoint import (CheckpointError, SafetensorsFile, atomic_write_bytes, atomic_write_json,
                                             read_json_file)
 
@@ -239,10 +239,10 @@ def check_base(reference: BaseReference, source: str) -> None:
     from did_engine.modeling.loading import locate
 
     builtin = BUILTIN_JUDGES.get(reference.spec)
-    if builtin is not None:
-        found = builtin.sha256
+    path = locate(reference.spec)  # a built-in base is fetched and converted here on first use
+    if builtin is not None:  # the GGUF file it was converted from (conversions before 0.2 did not record it)
+        found = read_json_file(os.path.join(path, JUDGE_MARKER)).get("gguf_sha256") or builtin.sha256
     else:
-        path = locate(reference.spec)
         root = path if os.path.isdir(path) else os.path.dirname(path)
         files = [os.path.join(root, f) for f in reference.files] if reference.files else base_weight_files(path)
         missing = [f for f in files if not os.path.isfile(f)]
@@ -258,6 +258,13 @@ def check_base(reference: BaseReference, source: str) -> None:
 # Saving and loading
 
 
+def portable_config(config: dict) -> dict:
+    """A model config dict without what only holds on this machine (the local directory the
+    base was read from): the base reference says where the base comes from."""
+    extra = {k: v for k, v in config.get("extra", {}).items() if k != "source"}
+    return {**config, "extra": extra}
+
+
 def save_adapter(model, path: str, tensors: dict | None = None) -> None:
     """Write ``model``'s adapter (``tensors``, default its trainable parameters) as a delta
     checkpoint directory; the base reference is ``model.config.extra['base_model']``."""
@@ -268,7 +275,7 @@ def save_adapter(model, path: str, tensors: dict | None = None) -> None:
         raise UserError("model.config.extra['base_model'] must hold the BaseReference of the adapted model")
     state = {name: t.detach().contiguous().cpu() for name, t in (tensors or trainable_state(model)).items()}
     meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "model_class": model.checkpoint_class,
-            "config": model.config.to_dict(), "lora": asdict(model.lora_settings), "base": reference}
+            "config": portable_config(model.config.to_dict()), "lora": asdict(model.lora_settings), "base": reference}
     os.makedirs(path, exist_ok=True)
     atomic_write_bytes(os.path.join(path, ADAPTER_WEIGHTS_NAME),
                        lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
