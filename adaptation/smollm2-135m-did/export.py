@@ -2,8 +2,9 @@
 
     python adaptation/smollm2-135m-did/export.py [--checkpoint run/checkpoints/step_N]
 
-Only the delta is copied (adapter_config.json, adapter.safetensors, tokenizer.json); the
-model card beside it is written by hand from run/metrics.jsonl and the evaluations.
+Only the delta is copied (adapter_config.json, adapter.safetensors, tokenizer.json), and the
+loss curve of run/metrics.jsonl is drawn into loss.png here; the model card beside the
+adapter is written by hand from the metrics and the evaluations.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from did_engine.modeling.adapters import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_N
                                           read_adapter_config)
 from did_engine.modeling.checkpoint import atomic_write_json
 from did_engine.training.state import list_checkpoints
+from did_engine.training.trainer import plot_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.join(HERE, "..", "..", "did_engine", "pretrained", "smollm2-135m-did")
@@ -36,6 +38,10 @@ def main() -> None:
         os.replace(tmp, os.path.join(PACKAGE_DIR, name))
     atomic_write_json(os.path.join(PACKAGE_DIR, ADAPTER_CONFIG_NAME), {**meta, "config": portable_config(meta["config"])})
     print(f"exported {checkpoint} -> {os.path.normpath(PACKAGE_DIR)}")
+    plot = plot_metrics(os.path.join(HERE, "run", "metrics.jsonl"), os.path.join(HERE, "loss.png"),
+                        "SmolLM2-135M -> block diffusion (LoRA r16), did_engine train")
+    if plot:
+        print(f"loss curve: {os.path.relpath(plot)}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,35 @@ def clip_candidates(widths, delta: float) -> list:
     return out
 
 
+def plot_metrics(metrics_path: str, png_path: str, title: str) -> str | None:
+    """The loss curve of a run's metrics.jsonl (train loss, validation NELBO per block size)
+    as a PNG; None when there is no log or no matplotlib (which says so)."""
+    if not os.path.isfile(metrics_path):
+        return None
+    plt = pyplot(os.path.basename(png_path))
+    if plt is None:
+        return None
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss (NELBO terms, mean per token)", lw=1)
+    for key in sorted({k for r in records for k in r if k.startswith("val_nelbo_b")}):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*pts), "o-", label=f"validation NELBO, block {key.rsplit('b', 1)[1]}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write_bytes(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return png_path
+
+
 class Trainer:
     """Builds the model, data, optimizer; runs, logs, evaluates and checkpoints. See the module doc."""
 
@@ -455,32 +484,10 @@ class Trainer:
         atomic_write_bytes(self.metrics_path, write)
 
     def plot(self) -> str | None:
-        if not self.dist.main or not os.path.isfile(self.metrics_path):
+        if not self.dist.main:
             return None
-        plt = pyplot("loss.png")
-        if plt is None:
-            return None
-
-        with open(self.metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train), label="train loss (NELBO terms, mean per token)", lw=1)
-        for key in sorted({k for r in records for k in r if k.startswith("val_nelbo_b")}):
-            pts = [(r["step"], r[key]) for r in records if key in r]
-            ax.plot(*zip(*pts), "o-", label=f"validation NELBO, block {key.rsplit('b', 1)[1]}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("nats per token")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title(f"did_engine train: {os.path.basename(os.path.abspath(self.cfg.out))}")
-        path = os.path.join(self.cfg.out, "loss.png")
-        fig.tight_layout()
-        atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
-        return path
+        return plot_metrics(self.metrics_path, os.path.join(self.cfg.out, "loss.png"),
+                            f"did_engine train: {os.path.basename(os.path.abspath(self.cfg.out))}")
 
     # -- the loop --------------------------------------------------------------------------------
 
