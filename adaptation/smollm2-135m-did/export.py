@@ -37,6 +37,8 @@ def main() -> None:
         shutil.copyfile(os.path.join(checkpoint, name), tmp)
         os.replace(tmp, os.path.join(PACKAGE_DIR, name))
     atomic_write_json(os.path.join(PACKAGE_DIR, ADAPTER_CONFIG_NAME), {**meta, "config": portable_config(meta["config"])})
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "tokenizer.json"):
+        os.chmod(os.path.join(PACKAGE_DIR, name), 0o644)  # package data: readable by whoever imports it
     print(f"exported {checkpoint} -> {os.path.normpath(PACKAGE_DIR)}")
     plot = plot_metrics(os.path.join(HERE, "run", "metrics.jsonl"), os.path.join(HERE, "loss.png"),
                         "SmolLM2-135M -> block diffusion (LoRA r16), did_engine train")

@@ -18,7 +18,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> directory under did_engine/pretrained/
 EMBEDDED_MODELS = {
-    "default": "dit-mini",
+    "default": "smollm2-135m-did",
+    "smollm2-135m-did": "smollm2-135m-did",  # SmolLM2-135M adapted to block diffusion (LoRA delta)
     "dit-mini": "dit-mini",  # an 8M-parameter BD3-LM DiT trained on 2 CPU cores (the default until 0.2)
 }
 
