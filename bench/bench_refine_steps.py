@@ -1,7 +1,7 @@
 """What the global refine stage's step count buys: Gen PPL and entropy against refine time,
 all configurations refining the same drafts.
 
-    python bench/bench_refine_steps.py                          # default model, 32 samples, ~6 min
+    python bench/bench_refine_steps.py                          # dit-mini, 32 samples, ~6 min
     python bench/bench_refine_steps.py --ratios 0.25 --steps 1,2,8 --samples 16
     python bench/bench_refine_steps.py --reuse-context          # also the approximate reused-context steps
     python bench/bench_refine_steps.py --save                   # bench/results/refine_steps_<model>_<date>.md
@@ -36,7 +36,8 @@ from bench_ops import save_results  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="checkpoint directory or 'default' (the embedded model)")
+    parser.add_argument("--model", default="dit-mini",
+                        help="checkpoint directory or embedded model name (default: dit-mini, the recorded results' model)")
     parser.add_argument("--judge", default="smollm2-135m", help="judge spec, as for did-engine eval")
     parser.add_argument("--samples", type=int, default=32, help="drafts (one batch)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; sample i draws from seed * 1e6 + i")
