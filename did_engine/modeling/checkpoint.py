@@ -72,6 +72,15 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 # Writing
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once: os.umask can only be read by setting it
+
+
 def atomic_write_bytes(path: str, write) -> None:
     """Call write(tmp_path) then rename over `path`: a reader never sees a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -81,6 +90,7 @@ def atomic_write_bytes(path: str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make a plain output file private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -621,3 +621,15 @@ if __name__ == "__main__":
             for name, r in results.items():
                 print(f"{r['verdict']:20s} {name:40s} {r.get('type', '')} {r.get('message', '')[:150]!r}")
             print(json.dumps(figures(results)))
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
+    """The temporary file behind an atomic write is created private (0600); the published
+    file must be readable as any file the user writes (0666 minus the umask), or package
+    data and shared run directories end up unreadable to others."""
+    from did_engine.modeling.checkpoint import atomic_write_json
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_json(str(tmp_path / "x.json"), {"a": 1})
+    assert (os.stat(tmp_path / "x.json").st_mode & 0o777) == 0o666 & ~mask
